@@ -1,0 +1,70 @@
+"""boto3 clients: the one place that makes them.
+
+Notebook code calls ``client("s3")`` in both modes. In local mode, :func:`use_local_cloud`
+sets the standard ``AWS_ENDPOINT_URL`` variable and dummy credentials, which boto3 honours
+on its own, so no endpoint plumbing leaks into the notebooks and nothing can reach AWS.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+
+from helpers.settings import DEFAULT_REGION
+
+# botocore's standard retry mode: exponential backoff with jitter on throttling and
+# transient 5xx errors, the same policy the Lambda handler uses.
+RETRY_CONFIG = Config(retries={"max_attempts": 5, "mode": "standard"})
+
+LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+}
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def use_local_cloud(endpoint: str, region: str = DEFAULT_REGION) -> None:
+    """Point every boto3 client of this process at the local cloud.
+
+    Parameters
+    ----------
+    endpoint : str
+        The local cloud's URL, e.g. ``http://127.0.0.1:5123``. Must be a loopback address.
+    region : str
+        Region the emulated resources live in.
+    """
+    host = urlparse(endpoint).hostname
+    if host not in LOOPBACK_HOSTS:
+        raise ValueError(f"the local cloud must be on this machine, not {endpoint!r}")
+    os.environ.update(LOCAL_CREDENTIALS)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    os.environ["AWS_DEFAULT_REGION"] = region
+    # Ignore any ~/.aws profile: local mode must never pick up real credentials.
+    os.environ.pop("AWS_PROFILE", None)
+
+
+def use_aws(region: str) -> None:
+    """Undo :func:`use_local_cloud`: the standard credential chain and a real region."""
+    for name in ("AWS_ENDPOINT_URL", *LOCAL_CREDENTIALS):
+        if os.environ.get(name) and (name == "AWS_ENDPOINT_URL"
+                                     or os.environ[name] == LOCAL_CREDENTIALS[name]):
+            del os.environ[name]
+    os.environ["AWS_DEFAULT_REGION"] = region
+
+
+def client(service: str, **kwargs: Any) -> Any:
+    """A boto3 client from the standard chain, with standard-mode retries.
+
+    Parameters
+    ----------
+    service : str
+        e.g. ``"s3"``, ``"iam"``, ``"lambda"``, ``"logs"``, ``"sqs"``, ``"sts"``.
+    **kwargs
+        Passed to :func:`boto3.client` (e.g. explicit credentials of a role).
+    """
+    kwargs.setdefault("config", RETRY_CONFIG)
+    return boto3.client(service, **kwargs)

@@ -1,0 +1,409 @@
+"""Run the deployed Lambda zip for real inside the local cloud.
+
+moto emulates Lambda's control plane but runs function code only in Docker, which students
+rarely have. :func:`install` replaces that runner, in the local cloud's server process, with
+one that behaves like the Lambda service:
+
+- the **same zip** that notebook 02 uploads is extracted into a task directory and run by a
+  fresh interpreter (``python -I -S``: no site-packages, so the zip must carry its own
+  dependencies; boto3 is provided, as the Lambda runtime provides it);
+- a clean environment with Lambda's own variables, the function's variables, the **execution
+  role's temporary credentials** and ``AWS_ENDPOINT_URL``;
+- the function's **timeout** (the process group is killed) and **memory size** (enforced by
+  watching resident memory; ``setrlimit`` breaks numpy's import);
+- START / END / REPORT lines (Duration, Billed Duration, Memory Size, Max Memory Used) in
+  the function's CloudWatch log group, with AWS's wording for timeouts and out-of-memory;
+- S3-triggered invocations are asynchronous: the upload returns at once, the function runs
+  in the background within its reserved concurrency, a failed run is retried
+  ``MaximumRetryAttempts`` times and then sent to the on-failure destination (an SQS queue).
+
+Differences from AWS are listed in the README ("Local cloud vs AWS").
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import import_module
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+BOOTSTRAP = Path(__file__).with_name("lambda_bootstrap.py")
+# What the Lambda Python runtime provides besides the standard library.
+RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "urllib3", "six")
+# Concurrency when the function has no reserved concurrency: this machine's cores.
+DEFAULT_CONCURRENCY = max(os.cpu_count() or 1, 1)
+POLL_S = 0.01
+RETRY_DELAYS_S = (1.0, 2.0)  # AWS waits about 1 and 2 minutes; locally we do not.
+
+_state: dict[str, Any] = {}
+
+
+@dataclass
+class Invocation:
+    """What one run of the function did."""
+
+    request_id: str
+    payload: str = ""
+    error_type: str | None = None
+    duration_ms: float = 0.0
+    max_memory_mb: int = 0
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def errored(self) -> bool:
+        return self.error_type is not None
+
+
+def install(endpoint: str, work_dir: Path) -> None:
+    """Replace moto's Docker runner with this executor (call in the server process).
+
+    Parameters
+    ----------
+    endpoint : str
+        The local cloud's URL, handed to the function as ``AWS_ENDPOINT_URL``.
+    work_dir : Path
+        Where task directories (extracted zips) and the runtime directory go.
+    """
+    from moto.awslambda.models import LambdaFunction
+    import moto.s3.notifications as notifications
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _state.update(endpoint=endpoint, work_dir=work_dir, runtime_dir=_runtime_dir(work_dir))
+    LambdaFunction._invoke_lambda = _invoke_sync
+    notifications._invoke_awslambda = _invoke_from_s3
+
+
+def _invoke_sync(fn: Any, event: Any = None) -> tuple[str, bool, str]:
+    """moto's ``_invoke_lambda`` signature: (payload, errored, logs)."""
+    with _THROTTLE.slot(fn):
+        result = run(fn, event if event is not None else {})
+    return result.payload, result.errored, "\n".join(result.log_lines)
+
+
+def _invoke_from_s3(account_id: str, event_body: Any, fn_arn: str, region_name: str) -> None:
+    """S3 notifications are asynchronous on AWS: queue the event and return at once."""
+    from moto.awslambda.utils import get_backend
+
+    fn = get_backend(account_id, region_name).get_function(fn_arn)
+    threading.Thread(target=_invoke_async, args=(fn, event_body), daemon=True).start()
+
+
+def _invoke_async(fn: Any, event: dict) -> None:
+    """Run an event with AWS's asynchronous semantics: retries, then the failure destination."""
+    config = _event_invoke_config(fn)
+    attempts = 1 + int(config.get("MaximumRetryAttempts", 2))
+    for attempt in range(attempts):
+        with _THROTTLE.slot(fn):
+            result = run(fn, event)
+        if not result.errored:
+            return
+        if attempt + 1 < attempts:
+            time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
+    destination = config.get("DestinationConfig", {}).get("OnFailure", {}).get("Destination")
+    if destination:
+        _send_failure(fn, destination, event, result, attempts)
+
+
+def _event_invoke_config(fn: Any) -> dict:
+    return fn.event_invoke_config[-1].config if fn.event_invoke_config else {}
+
+
+class _Throttle:
+    """At most the function's reserved concurrency (or the core count) runs at once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running: dict[str, int] = defaultdict(int)
+
+    @contextmanager
+    def slot(self, fn: Any) -> Iterator[None]:
+        arn = fn.function_arn
+        with self._cond:
+            while self._running[arn] >= _concurrency_cap(fn):
+                self._cond.wait()
+            self._running[arn] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running[arn] -= 1
+                self._cond.notify_all()
+
+
+_THROTTLE = _Throttle()
+
+
+def _concurrency_cap(fn: Any) -> int:
+    reserved = fn.reserved_concurrency
+    return DEFAULT_CONCURRENCY if reserved in (None, "") else max(int(reserved), 0)
+
+
+def run(fn: Any, event: Any) -> Invocation:
+    """Run the function once on ``event`` in a fresh interpreter, and log it like Lambda.
+
+    Parameters
+    ----------
+    fn : moto.awslambda.models.LambdaFunction
+        The function as moto stores it (code, handler, timeout, memory, role, variables).
+    event : dict or str
+        The event; a JSON string is decoded first.
+
+    Returns
+    -------
+    Invocation
+    """
+    if isinstance(event, (str, bytes)):
+        event = json.loads(event or "{}")
+    result = Invocation(request_id=str(uuid.uuid4()))
+    stream = _log_stream_name(fn)
+    control = Path(tempfile.mkdtemp(prefix="lambda-control-"))
+    scratch = Path(tempfile.mkdtemp(prefix="lambda-tmp-"))  # the function's /tmp
+    try:
+        task_root = _task_root(fn)
+        env = _environment(fn, task_root, scratch, stream, result.request_id)
+        deadline = time.time() + float(fn.timeout)
+        (control / "event.json").write_text(json.dumps(
+            {"event": event, "request_id": result.request_id, "deadline": deadline}))
+        started = time.monotonic()
+        output, status = _run_process(fn, env, task_root, control)
+        result.duration_ms = (time.monotonic() - started) * 1000
+        result.max_memory_mb = status["max_rss_mb"]
+        events = _finish(fn, result, control, output, status)
+    finally:
+        shutil.rmtree(control, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    _write_logs(fn, stream, events)
+    return result
+
+
+def _run_process(fn: Any, env: dict, task_root: Path, control: Path) -> tuple[list, dict]:
+    """Start the bootstrap, enforce timeout and memory, collect output lines with times."""
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-u", str(BOOTSTRAP), str(control)], cwd=task_root, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+    output: list[tuple[int, str]] = []
+    reader = threading.Thread(target=_read_lines, args=(proc.stdout, output), daemon=True)
+    reader.start()
+    limit_bytes = int(fn.memory_size) * 1024 * 1024
+    deadline = time.monotonic() + float(fn.timeout)
+    status = {"timed_out": False, "out_of_memory": False, "max_rss_mb": 0,
+              "start_ms": _now_ms()}
+    peak, rusage_kb = 0, 0
+    while True:
+        pid, wait_status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            rusage_kb = rusage.ru_maxrss
+            status["exit_code"] = os.waitstatus_to_exitcode(wait_status)
+            proc.returncode = status["exit_code"]
+            break
+        peak = max(peak, _tree_rss(proc.pid))
+        if peak > limit_bytes:
+            status["out_of_memory"] = True
+        elif time.monotonic() > deadline:
+            status["timed_out"] = True
+        if status["out_of_memory"] or status["timed_out"]:
+            _kill_group(proc.pid)
+        time.sleep(POLL_S)
+    reader.join(timeout=5)
+    # ru_maxrss is in kilobytes on Linux, bytes on macOS.
+    rusage_bytes = rusage_kb if sys.platform == "darwin" else rusage_kb * 1024
+    status["max_rss_mb"] = math.ceil(max(peak, rusage_bytes) / 2**20)
+    if status["out_of_memory"]:
+        status["max_rss_mb"] = min(status["max_rss_mb"], int(fn.memory_size))
+    return output, status
+
+
+def _read_lines(stream: Any, out: list) -> None:
+    for raw in iter(stream.readline, b""):
+        out.append((_now_ms(), raw.decode("utf-8", "replace").rstrip("\n")))
+    stream.close()
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident memory of a process and its children, in bytes (0 once it has gone)."""
+    try:
+        proc = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _finish(fn: Any, result: Invocation, control: Path, output: list,
+            status: dict) -> list[tuple[int, str]]:
+    """Set the payload and error type; return the log events (ms, line) Lambda would write."""
+    rid = result.request_id
+    lines = [(status["start_ms"], f"START RequestId: {rid} Version: {fn.version}"), *output]
+    outcome_file = control / "result.json"
+    if status["timed_out"]:
+        result.error_type = "Sandbox.Timedout"
+        message = f"Task timed out after {float(fn.timeout):.2f} seconds"
+        lines.append((_now_ms(), f"{_iso_now()} {rid} {message}"))
+    elif status["out_of_memory"]:
+        result.error_type = "Runtime.OutOfMemory"
+        message = "Runtime exited with error: signal: killed"
+        lines.append((_now_ms(), f"RequestId: {rid} Error: {message}"))
+    elif outcome_file.exists():
+        outcome = json.loads(outcome_file.read_text())
+        result.error_type = outcome.get("errorType")
+        message = outcome.get("errorMessage", "")
+        result.payload = json.dumps(outcome["payload"] if "payload" in outcome else outcome)
+    else:
+        result.error_type = "Runtime.ExitError"
+        message = f"Runtime exited with error: exit status {status.get('exit_code')}"
+        lines.append((_now_ms(), f"RequestId: {rid} Error: {message}"))
+    if result.errored and not result.payload:
+        result.payload = json.dumps({"errorType": result.error_type, "errorMessage": message})
+    billed = math.ceil(result.duration_ms)
+    if status["timed_out"]:
+        billed = int(float(fn.timeout) * 1000)
+    lines.append((_now_ms(), f"END RequestId: {rid}"))
+    report = (f"REPORT RequestId: {rid}\tDuration: {result.duration_ms:.2f} ms\t"
+              f"Billed Duration: {billed} ms\tMemory Size: {int(fn.memory_size)} MB\t"
+              f"Max Memory Used: {result.max_memory_mb} MB\t")
+    if status["timed_out"] or status["out_of_memory"]:
+        report += f"Status: {'timeout' if status['timed_out'] else 'error'}\t"
+        report += f"Error Type: {result.error_type}"
+    lines.append((_now_ms(), report))
+    result.log_lines = [text for _, text in lines]
+    return lines
+
+
+def _write_logs(fn: Any, stream: str, events: list[tuple[int, str]]) -> None:
+    """Write the invocation's lines to the function's log group, as the Lambda service does."""
+    backend = fn.logs_backend
+    backend.ensure_log_group(fn.logs_group_name)
+    backend.create_log_stream(fn.logs_group_name, stream)
+    backend.put_log_events(fn.logs_group_name, stream,
+                           [{"timestamp": ts, "message": line} for ts, line in events])
+
+
+def _log_stream_name(fn: Any) -> str:
+    today = datetime.now(timezone.utc)
+    return f"{today:%Y/%m/%d}/[{fn.version}]{uuid.uuid4().hex}"
+
+
+def _environment(fn: Any, task_root: Path, scratch: Path, stream: str, rid: str) -> dict:
+    """Lambda's environment: its reserved variables, the function's, the role's credentials."""
+    creds = _role_credentials(fn)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "en_US.UTF-8",
+        "TZ": ":UTC",
+        "TMPDIR": str(scratch),
+        "HOME": str(scratch),
+        "LAMBDA_TASK_ROOT": str(task_root),
+        "LAMBDA_RUNTIME_DIR": str(_state["runtime_dir"]),
+        "_HANDLER": fn.handler,
+        "AWS_EXECUTION_ENV": f"AWS_Lambda_{fn.run_time}",
+        "AWS_LAMBDA_FUNCTION_NAME": fn.function_name,
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_size),
+        "AWS_LAMBDA_FUNCTION_VERSION": fn.version,
+        "AWS_LAMBDA_FUNCTION_TIMEOUT": str(fn.timeout),
+        "AWS_LAMBDA_LOG_GROUP_NAME": fn.logs_group_name,
+        "AWS_LAMBDA_LOG_STREAM_NAME": stream,
+        "AWS_LAMBDA_FUNCTION_ARN": fn.function_arn,
+        "AWS_REQUEST_ID": rid,
+        "AWS_REGION": fn.region,
+        "AWS_DEFAULT_REGION": fn.region,
+        "AWS_ENDPOINT_URL": _state["endpoint"],
+    }
+    env.update({k: str(v) for k, v in (fn.environment_vars or {}).items()})
+    env.update(creds)
+    return env
+
+
+def _role_credentials(fn: Any) -> dict[str, str]:
+    """Temporary credentials of the execution role, from moto's STS backend.
+
+    The Lambda service assumes the role itself; moto's AssumeRole API fails for roles whose
+    trust policy names a service principal, so we ask its STS backend directly.
+    """
+    from moto.sts.models import sts_backends
+
+    account_id = fn.function_arn.split(":")[4]
+    sts = sts_backends[account_id]["aws"]
+    role = sts.assume_role(region_name=fn.region, role_session_name=fn.function_name,
+                           role_arn=fn.role, policy="", duration=3600, external_id="")
+    return {"AWS_ACCESS_KEY_ID": role.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": role.secret_access_key,
+            "AWS_SESSION_TOKEN": role.session_token}
+
+
+def _task_root(fn: Any) -> Path:
+    """The zip extracted once per code version, like Lambda's /var/task (read-only)."""
+    root = _state["work_dir"] / fn.code_sha_256.replace("/", "_").replace("+", "-")
+    if not root.exists():
+        partial = Path(tempfile.mkdtemp(dir=_state["work_dir"], prefix="extracting-"))
+        with zipfile.ZipFile(io.BytesIO(fn.code_bytes)) as archive:
+            archive.extractall(partial)
+        try:
+            partial.rename(root)
+        except OSError:  # another invocation extracted it first
+            shutil.rmtree(partial, ignore_errors=True)
+    return root
+
+
+def _runtime_dir(work_dir: Path) -> Path:
+    """A directory holding what the Lambda runtime provides (boto3 and its dependencies)."""
+    runtime = work_dir / "runtime"
+    runtime.mkdir(exist_ok=True)
+    for name in RUNTIME_PACKAGES:
+        module = import_module(name)
+        source = Path(module.__file__)
+        source = source.parent if source.name == "__init__.py" else source
+        link = runtime / source.name
+        if not link.exists():
+            link.symlink_to(source)
+    return runtime
+
+
+def _send_failure(fn: Any, destination: str, event: dict, result: Invocation,
+                  attempts: int) -> None:
+    """Send a failed asynchronous invocation to its SQS on-failure destination."""
+    from moto.sqs.models import sqs_backends
+
+    _, _, _, region, account_id, queue_name = destination.split(":", 5)
+    record = {
+        "version": "1.0",
+        "timestamp": _iso_now(),
+        "requestContext": {"requestId": result.request_id, "functionArn": fn.function_arn,
+                           "condition": "RetriesExhausted", "approximateInvokeCount": attempts},
+        "requestPayload": event,
+        "responseContext": {"statusCode": 200, "executedVersion": "$LATEST",
+                            "functionError": "Unhandled"},
+        "responsePayload": json.loads(result.payload) if result.payload else None,
+    }
+    sqs_backends[account_id][region].send_message(queue_name, json.dumps(record))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _iso_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
