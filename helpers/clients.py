@@ -7,6 +7,7 @@ on its own, so no endpoint plumbing leaks into the notebooks and nothing can rea
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -27,7 +28,8 @@ LOCAL_CREDENTIALS = {
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def use_local_cloud(endpoint: str, region: str = DEFAULT_REGION) -> None:
+def use_local_cloud(endpoint: str, region: str = DEFAULT_REGION, *,
+                    ca_bundle: Path | None = None) -> None:
     """Point every boto3 client of this process at the local cloud.
 
     Parameters
@@ -36,6 +38,8 @@ def use_local_cloud(endpoint: str, region: str = DEFAULT_REGION) -> None:
         The local cloud's URL, e.g. ``http://127.0.0.1:5123``. Must be a loopback address.
     region : str
         Region the emulated resources live in.
+    ca_bundle : Path, optional
+        The local cloud's self-signed certificate, for HTTPS.
     """
     host = urlparse(endpoint).hostname
     if host not in LOOPBACK_HOSTS:
@@ -43,15 +47,19 @@ def use_local_cloud(endpoint: str, region: str = DEFAULT_REGION) -> None:
     os.environ.update(LOCAL_CREDENTIALS)
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     os.environ["AWS_DEFAULT_REGION"] = region
+    if ca_bundle:
+        os.environ["AWS_CA_BUNDLE"] = str(ca_bundle)
     # Ignore any ~/.aws profile: local mode must never pick up real credentials.
     os.environ.pop("AWS_PROFILE", None)
 
 
 def use_aws(region: str) -> None:
     """Undo :func:`use_local_cloud`: the standard credential chain and a real region."""
-    for name in ("AWS_ENDPOINT_URL", *LOCAL_CREDENTIALS):
-        if os.environ.get(name) and (name == "AWS_ENDPOINT_URL"
-                                     or os.environ[name] == LOCAL_CREDENTIALS[name]):
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    if "local_cloud" in os.environ.get("AWS_CA_BUNDLE", ""):
+        del os.environ["AWS_CA_BUNDLE"]
+    for name, dummy in LOCAL_CREDENTIALS.items():
+        if os.environ.get(name) == dummy:
             del os.environ[name]
     os.environ["AWS_DEFAULT_REGION"] = region
 

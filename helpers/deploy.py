@@ -17,6 +17,10 @@ UNZIPPED_LIMIT_MB = 250  # everything extracted, layers included
 # Fixed timestamp: the same sources give the same zip, so CodeSha256 changes only with code.
 ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 PRUNE_DIRS = {"__pycache__", "tests", "testing"}
+# python3.12 runs on Amazon Linux 2023 (glibc 2.34), so manylinux_2_28 wheels work there;
+# numpy >= 2.3 has no manylinux2014 wheels, which rules out python3.11 on Amazon Linux 2.
+AWS_RUNTIME = "python3.12"
+AWS_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,10 @@ def build_lambda_zip(*, runtime: str | None = None, for_aws: bool = False,
     Parameters
     ----------
     runtime : str, optional
-        Lambda runtime, e.g. ``"python3.11"``; default: the local interpreter's version.
+        Lambda runtime, e.g. ``"python3.12"``; default: ``AWS_RUNTIME`` for AWS, else the
+        local interpreter's version (the local cloud runs the zip with this interpreter).
     for_aws : bool
-        True: Linux x86_64 wheels (manylinux2014) for the runtime's Python, as AWS needs.
+        True: Linux x86_64 (manylinux) wheels for the runtime's Python, as AWS needs.
         False: wheels for this machine, which the local cloud runs.
     out_dir : Path
         Where the staging folder and the zip go.
@@ -60,7 +65,7 @@ def build_lambda_zip(*, runtime: str | None = None, for_aws: bool = False,
     -------
     LambdaZip
     """
-    runtime = runtime or local_runtime()
+    runtime = runtime or (AWS_RUNTIME if for_aws else local_runtime())
     stage = out_dir / "package"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -80,9 +85,12 @@ def _pip_install(stage: Path, runtime: str, for_aws: bool) -> None:
            "-r", str(LAMBDA_SOURCE / "requirements.txt")]
     if for_aws:
         version = runtime.removeprefix("python")
-        cmd += ["--platform", "manylinux2014_x86_64", "--implementation", "cp",
-                "--python-version", version]
-    subprocess.run(cmd, check=True)
+        cmd += ["--implementation", "cp", "--python-version", version]
+        cmd += [arg for platform in AWS_PLATFORMS for arg in ("--platform", platform)]
+    # pip's own chatter (and its warnings about the *calling* environment) is noise here.
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"pip could not install the Lambda's requirements:\n{done.stderr}")
 
 
 def _prune(stage: Path) -> None:

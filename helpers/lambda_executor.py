@@ -71,7 +71,7 @@ class Invocation:
         return self.error_type is not None
 
 
-def install(endpoint: str, work_dir: Path) -> None:
+def install(endpoint: str, work_dir: Path, ca_bundle: Path) -> None:
     """Replace moto's Docker runner with this executor (call in the server process).
 
     Parameters
@@ -80,12 +80,15 @@ def install(endpoint: str, work_dir: Path) -> None:
         The local cloud's URL, handed to the function as ``AWS_ENDPOINT_URL``.
     work_dir : Path
         Where task directories (extracted zips) and the runtime directory go.
+    ca_bundle : Path
+        The local cloud's certificate, handed to the function as ``AWS_CA_BUNDLE``.
     """
     from moto.awslambda.models import LambdaFunction
     import moto.s3.notifications as notifications
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    _state.update(endpoint=endpoint, work_dir=work_dir, runtime_dir=_runtime_dir(work_dir))
+    _state.update(endpoint=endpoint, work_dir=work_dir, ca_bundle=ca_bundle,
+                  runtime_dir=_runtime_dir(work_dir))
     LambdaFunction._invoke_lambda = _invoke_sync
     notifications._invoke_awslambda = _invoke_from_s3
 
@@ -331,6 +334,7 @@ def _environment(fn: Any, task_root: Path, scratch: Path, stream: str, rid: str)
         "AWS_REGION": fn.region,
         "AWS_DEFAULT_REGION": fn.region,
         "AWS_ENDPOINT_URL": _state["endpoint"],
+        "AWS_CA_BUNDLE": str(_state["ca_bundle"]),
     }
     env.update({k: str(v) for k, v in (fn.environment_vars or {}).items()})
     env.update(creds)

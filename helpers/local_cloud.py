@@ -1,5 +1,8 @@
 """The local cloud: an emulated AWS (moto) in a background process on 127.0.0.1.
 
+It speaks HTTPS with a self-signed certificate made on first start (``AWS_CA_BUNDLE`` points
+boto3 at it), so bucket policies that deny plain HTTP behave as on AWS.
+
 It runs in its own process so that its state (buckets, role, function, logs) outlives each
 notebook's kernel: notebook 01 starts it, notebooks 02-04 find it through a small state file
 under ``build/``, and notebook 05 stops it. Inside that process, :mod:`helpers.lambda_executor`
@@ -13,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,6 +28,8 @@ from helpers.settings import BUILD_DIR, DEFAULT_REGION
 
 STATE_DIR = BUILD_DIR / "local_cloud"
 STATE_FILE = STATE_DIR / "state.json"
+CERT_FILE = STATE_DIR / "cert.pem"
+KEY_FILE = STATE_DIR / "key.pem"
 SERVER_LOG = STATE_DIR / "server.log"
 START_TIMEOUT_S = 30.0
 
@@ -33,8 +39,9 @@ class LocalCloudMissing(RuntimeError):
 
 
 def _is_up(endpoint: str) -> bool:
+    context = ssl.create_default_context(cafile=str(CERT_FILE)) if CERT_FILE.exists() else None
     try:
-        with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2):
+        with urllib.request.urlopen(f"{endpoint}/moto-api/config", timeout=2, context=context):
             return True
     except OSError:
         return False
@@ -71,14 +78,15 @@ def ensure_running() -> dict:
         state["restarted"] = had_one
     else:
         state["restarted"] = False
-    use_local_cloud(state["endpoint"], DEFAULT_REGION)
+    use_local_cloud(state["endpoint"], DEFAULT_REGION, ca_bundle=CERT_FILE)
     return state
 
 
 def _start() -> dict:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
+    _ensure_certificate()
     port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"https://127.0.0.1:{port}"
     with open(SERVER_LOG, "ab") as log:
         # A new session: the server outlives the kernel that started it.
         proc = subprocess.Popen(
@@ -94,6 +102,36 @@ def _start() -> dict:
     state = {"endpoint": endpoint, "pid": proc.pid, "started": time.time()}
     STATE_FILE.write_text(json.dumps(state))
     return state
+
+
+def _ensure_certificate() -> None:
+    """A self-signed certificate for 127.0.0.1, valid ten years (made once)."""
+    if CERT_FILE.exists() and KEY_FILE.exists():
+        return
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fmri-workbook local cloud")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    KEY_FILE.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    CERT_FILE.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def stop() -> bool:
@@ -121,7 +159,8 @@ def enable_iam_enforcement(endpoint: str) -> None:
     """
     request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0",
                                      method="POST")
-    with urllib.request.urlopen(request, timeout=5):
+    context = ssl.create_default_context(cafile=str(CERT_FILE))
+    with urllib.request.urlopen(request, timeout=5, context=context):
         pass
 
 
@@ -132,8 +171,9 @@ def _serve(port: int) -> None:
     from helpers import lambda_executor
 
     os.environ.setdefault("MOTO_PORT", str(port))
-    lambda_executor.install(f"http://127.0.0.1:{port}", STATE_DIR / "tasks")
-    server.main(["--host", "127.0.0.1", "--port", str(port)])
+    lambda_executor.install(f"https://127.0.0.1:{port}", STATE_DIR / "tasks", CERT_FILE)
+    server.main(["--host", "127.0.0.1", "--port", str(port),
+                 "--ssl-cert", str(CERT_FILE), "--ssl-key", str(KEY_FILE)])
 
 
 def _main(argv: list[str]) -> int:
