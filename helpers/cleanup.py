@@ -98,22 +98,19 @@ def find_leftovers(cfg: Settings) -> list[dict]:
              for kind, name, lookup in _name_lookups(cfg) if _exists(lookup)]
     names = {item["name"] for item in found}
     for arn in _tagged_arns(cfg):
-        if not any(name in arn for name in names):
+        if not any(name in arn for name in names) and _arn_exists(arn):
             found.append({"type": arn.split(":")[2], "name": arn, "found_by": "tag"})
     return found
 
 
 def _name_lookups(cfg: Settings) -> list[tuple]:
-    s3, lam, logs, iam, sqs = (client(s) for s in ("s3", "lambda", "logs", "iam", "sqs"))
-    log_groups = lambda: [g for g in logs.describe_log_groups(  # noqa: E731
-        logGroupNamePrefix=cfg.log_group)["logGroups"] if g["logGroupName"] == cfg.log_group
-        ] or _raise_not_found()
+    s3, lam, iam, sqs = (client(s) for s in ("s3", "lambda", "iam", "sqs"))
     return [
         ("s3 bucket", cfg.input_bucket, lambda: s3.head_bucket(Bucket=cfg.input_bucket)),
         ("s3 bucket", cfg.output_bucket, lambda: s3.head_bucket(Bucket=cfg.output_bucket)),
         ("lambda function", cfg.function_name,
          lambda: lam.get_function_configuration(FunctionName=cfg.function_name)),
-        ("log group", cfg.log_group, log_groups),
+        ("log group", cfg.log_group, lambda: _describe_log_group(cfg.log_group)),
         ("sqs queue", cfg.failure_queue, lambda: sqs.get_queue_url(QueueName=cfg.failure_queue)),
         ("iam role", cfg.role_name, lambda: iam.get_role(RoleName=cfg.role_name)),
     ]
@@ -131,6 +128,30 @@ def _exists(lookup) -> bool:
             return False
         raise
     return True
+
+
+def _arn_exists(arn: str) -> bool:
+    """Look a tagged resource up in its own service.
+
+    The Resource Groups Tagging API is eventually consistent: on AWS it can list a resource
+    for a while after it was deleted. Services this workbook does not use count as existing.
+    """
+    service, resource = arn.split(":")[2], arn.split(":", 5)[5]
+    lookups = {
+        "s3": lambda: client("s3").head_bucket(Bucket=resource),
+        "lambda": lambda: client("lambda").get_function_configuration(FunctionName=arn),
+        "sqs": lambda: client("sqs").get_queue_url(QueueName=resource),
+        "logs": lambda: _describe_log_group(resource.removeprefix("log-group:").removesuffix(":*")),
+        "iam": lambda: client("iam").get_role(RoleName=resource.split("/")[-1]),
+    }
+    return service not in lookups or _exists(lookups[service])
+
+
+def _describe_log_group(name: str) -> None:
+    """describe_log_groups matches by prefix: raise "not found" unless ``name`` itself exists."""
+    groups = client("logs").describe_log_groups(logGroupNamePrefix=name)["logGroups"]
+    if not any(g["logGroupName"] == name for g in groups):
+        _raise_not_found()
 
 
 def _tagged_arns(cfg: Settings) -> list[str]:
@@ -170,6 +191,8 @@ def _main(argv: list[str]) -> int:
         local_cloud.ensure_running()
     else:
         use_aws(cfg.region)
+        account = client("sts").get_caller_identity()["Account"]
+        print(f"Deleting workbook {cfg.workbook_id} in AWS account {account}, {cfg.region}")
     print("\n".join(delete_all(cfg)))
     leftovers = find_leftovers(cfg)
     print(f"left: {leftovers}" if leftovers else "Nothing is left.")

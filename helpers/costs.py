@@ -49,7 +49,8 @@ def run_cost(cfg: Settings, *, downloaded_bytes: int | None = None,
     pandas.DataFrame
         Columns ``item, quantity, unit, unit_price_usd, cost_usd``; the last row is the total.
     """
-    runs = invocations(log_events(cfg.log_group))
+    events = log_events(cfg.log_group)
+    runs = invocations(events)
     inputs = list_objects(cfg.input_bucket)
     outputs = list_objects(cfg.output_bucket)
     until = until or datetime.now(timezone.utc)
@@ -57,7 +58,8 @@ def run_cost(cfg: Settings, *, downloaded_bytes: int | None = None,
     gb_months = sum(o["Size"] / GB * (until - o["LastModified"]).total_seconds() / 3600
                     for o in inputs + outputs) / HOURS_PER_MONTH
     downloaded = sum(o["Size"] for o in outputs) if downloaded_bytes is None else downloaded_bytes
-    log_bytes = sum(len(e["message"]) + 26 for e in log_events(cfg.log_group))  # 26 B/event
+    # CloudWatch Logs bills the UTF-8 bytes of each event plus 26 bytes of metadata.
+    log_bytes = sum(len(e["message"].encode()) + 26 for e in events)
     items = [
         ("Lambda compute", gb_seconds, "GB-s", PRICES["lambda_gb_second"]),
         ("Lambda requests", len(runs), "invocations", PRICES["lambda_request"]),

@@ -157,8 +157,10 @@ def enable_iam_enforcement(endpoint: str) -> None:
     moto accepts any request by default. With enforcement on, the execution role's
     least-privilege policy is really checked for S3 (see README, "Local cloud vs AWS").
     """
+    # The body must arrive raw: urllib's default form content type would make the server
+    # parse it as a form and see an empty body.
     request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0",
-                                     method="POST")
+                                     method="POST", headers={"Content-Type": "text/plain"})
     context = ssl.create_default_context(cafile=str(CERT_FILE))
     with urllib.request.urlopen(request, timeout=5, context=context):
         pass

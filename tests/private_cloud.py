@@ -1,0 +1,93 @@
+"""A local cloud of a test module's own, in a sandbox of its own.
+
+IAM enforcement is global to a local cloud's server, and notebooks keep their workbook id
+under the build folder, so tests that turn enforcement on or run notebooks must not share
+the session's ``cloud``. :func:`private_cloud` starts a separate server (with
+``python -m helpers.local_cloud``, as a student would) and points this process's boto3
+clients at it only while the ``with`` block runs; afterwards the environment is restored
+and the server stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from helpers.clients import LOCAL_CREDENTIALS
+
+ROOT = Path(__file__).resolve().parents[1]
+POINTING = ("AWS_ENDPOINT_URL", "AWS_CA_BUNDLE", "AWS_DEFAULT_REGION", *LOCAL_CREDENTIALS)
+
+
+def sandbox_env(sandbox: Path) -> dict[str, str]:
+    """The environment of a subprocess (notebooks, CLI) that should use ``sandbox``."""
+    env = {**os.environ, "WORKBOOK_BUILD_DIR": str(sandbox / "build"),
+           "WORKBOOK_DATA_DIR": str(sandbox / "data")}
+    for name in ("PYTEST_CURRENT_TEST", "CI", "AWS_ENDPOINT_URL", "AWS_CA_BUNDLE"):
+        env.pop(name, None)
+    return env
+
+
+def run_module(sandbox: Path, *args: str, env: dict | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` from the project root with the sandbox's environment."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT,
+                          env={**sandbox_env(sandbox), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cloud_state(sandbox: Path) -> dict:
+    """The sandbox's local cloud state: ``endpoint`` and ``pid``."""
+    return json.loads((sandbox / "build" / "local_cloud" / "state.json").read_text())
+
+
+@contextmanager
+def private_cloud(sandbox: Path, *, start: bool = True) -> Iterator[dict]:
+    """Point this process's boto3 clients at the sandbox's local cloud; stop it afterwards.
+
+    Parameters
+    ----------
+    sandbox : Path
+        Holds ``build/`` (workbook id, local cloud state and certificate) and ``data/``.
+    start : bool
+        Start the local cloud here; False when a notebook run has started it already.
+
+    Yields
+    ------
+    dict
+        ``endpoint``, ``pid`` and ``ca_bundle``.
+    """
+    saved = {name: os.environ.get(name) for name in POINTING}
+    try:
+        if start:
+            done = run_module(sandbox, "helpers.local_cloud", "start", timeout=60)
+            assert done.returncode == 0, done.stderr
+        state = cloud_state(sandbox)
+        state["ca_bundle"] = str(sandbox / "build" / "local_cloud" / "cert.pem")
+        os.environ.update(LOCAL_CREDENTIALS, AWS_ENDPOINT_URL=state["endpoint"],
+                          AWS_CA_BUNDLE=state["ca_bundle"], AWS_DEFAULT_REGION="us-east-1")
+        yield state
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        run_module(sandbox, "helpers.local_cloud", "stop", timeout=60)
+
+
+def set_iam_enforcement(state: dict, on: bool) -> None:
+    """Turn moto's IAM enforcement on (every request checked) or off (all allowed)."""
+    import ssl
+
+    request = urllib.request.Request(
+        f"{state['endpoint']}/moto-api/reset-auth", data=b"0" if on else b"inf",
+        method="POST", headers={"Content-Type": "text/plain"})
+    context = ssl.create_default_context(cafile=state["ca_bundle"])
+    with urllib.request.urlopen(request, timeout=5, context=context):
+        pass
