@@ -55,7 +55,10 @@ def main(control):
         print(f"[ERROR] Runtime.ImportModuleError: {outcome['errorMessage']}", flush=True)
         _write(control, outcome)
         return 1
-    context = LambdaContext(request["request_id"], request["deadline"])
+    # Init is over: the function's timeout runs from here, as on AWS.
+    deadline = time.time() + request["timeout"]
+    open(os.path.join(control, "invoked"), "w").close()
+    context = LambdaContext(request["request_id"], deadline)
     try:
         payload = handler(request["event"], context)
     except Exception as exc:

@@ -9,7 +9,8 @@ one that behaves like the Lambda service:
   dependencies; boto3 is provided, as the Lambda runtime provides it);
 - a clean environment with Lambda's own variables, the function's variables, the **execution
   role's temporary credentials** and ``AWS_ENDPOINT_URL``;
-- the function's **timeout** (the process group is killed) and **memory size** (enforced by
+- the function's **timeout**, counted from the handler's call as on AWS (Init, the imports,
+  has its own 10 s), the process group is then killed; and **memory size** (enforced by
   watching resident memory; ``setrlimit`` breaks numpy's import);
 - START / END / REPORT lines (Duration, Billed Duration, Memory Size, Max Memory Used) in
   the function's CloudWatch log group, with AWS's wording for timeouts and out-of-memory;
@@ -50,6 +51,9 @@ RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "
 # Concurrency when the function has no reserved concurrency: this machine's cores.
 DEFAULT_CONCURRENCY = max(os.cpu_count() or 1, 1)
 POLL_S = 0.01
+# As on AWS, the Init phase (importing the handler) may take up to 10 s; the function's
+# timeout runs from the handler's call (a slower Init is retried within the timeout).
+INIT_LIMIT_S = 10.0
 RETRY_DELAYS_S = (1.0, 2.0)  # AWS waits about 1 and 2 minutes; locally we do not.
 
 _state: dict[str, Any] = {}
@@ -181,9 +185,8 @@ def run(fn: Any, event: Any) -> Invocation:
     try:
         task_root = _task_root(fn)
         env = _environment(fn, task_root, scratch, stream, result.request_id)
-        deadline = time.time() + float(fn.timeout)
         (control / "event.json").write_text(json.dumps(
-            {"event": event, "request_id": result.request_id, "deadline": deadline}))
+            {"event": event, "request_id": result.request_id, "timeout": float(fn.timeout)}))
         started = time.monotonic()
         output, status = _run_process(fn, env, task_root, control)
         result.duration_ms = (time.monotonic() - started) * 1000
@@ -206,7 +209,8 @@ def _run_process(fn: Any, env: dict, task_root: Path, control: Path) -> tuple[li
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, output), daemon=True)
     reader.start()
     limit_bytes = int(fn.memory_size) * 1024 * 1024
-    deadline = time.monotonic() + float(fn.timeout)
+    init_deadline = time.monotonic() + INIT_LIMIT_S
+    deadline = None  # set when the bootstrap has imported the handler and calls it
     status = {"timed_out": False, "out_of_memory": False, "max_rss_mb": 0,
               "start_ms": _now_ms()}
     peak, rusage_kb = 0, 0
@@ -218,9 +222,11 @@ def _run_process(fn: Any, env: dict, task_root: Path, control: Path) -> tuple[li
             proc.returncode = status["exit_code"]
             break
         peak = max(peak, _tree_rss(proc.pid))
+        if deadline is None and (control / "invoked").exists():
+            deadline = time.monotonic() + float(fn.timeout)
         if peak > limit_bytes:
             status["out_of_memory"] = True
-        elif time.monotonic() > deadline:
+        elif time.monotonic() > (deadline or init_deadline + float(fn.timeout)):
             status["timed_out"] = True
         if status["out_of_memory"] or status["timed_out"]:
             _kill_group(proc.pid)

@@ -51,9 +51,19 @@ def _status_row(cfg: Settings, key: str, objects: dict, runs: list[dict],
         row.update(status="failed", reason=record.get("error", ""),
                    duration_s=record.get("duration_s"))
     elif runs and all(r.get("error") for r in runs[-attempts:]) and len(runs) >= attempts:
-        row.update(status="failed", reason=last["error"],
+        row.update(status="failed", reason=_killed_reason(last),
                    duration_s=round(last["duration_ms"] / 1000, 3))
     return row
+
+
+def _killed_reason(run: dict) -> str:
+    """Why the last attempt failed, from the logs (a killed run cannot write a record)."""
+    if run.get("error_type") == "Runtime.OutOfMemory":
+        return (f"out of memory: the run needed more than the function's {run['memory_mb']} MB "
+                "(Runtime exited with error: signal: killed); raise the function's memory")
+    if run.get("error_type") == "Sandbox.Timedout":
+        return f"{run['error']}; raise the function's timeout"
+    return run["error"]
 
 
 def _max_attempts(cfg: Settings) -> int:

@@ -28,10 +28,12 @@ from urllib.parse import unquote_plus
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 import fmri_preproc
 
-# Standard retry mode: transient S3 errors are retried with exponential backoff.
+# Standard retry mode: transient S3 errors (5xx, throttling) are retried up to 5 times
+# (6 attempts) with jittered exponential backoff.
 s3 = boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}))
 
 
@@ -76,9 +78,10 @@ def _preprocess(bucket: str, key: str, size: int, base: str, cfg: dict) -> dict:
     """Download, check, run the engine and upload the outputs (marker not yet written)."""
     if size > cfg["max_input_mb"] * 2**20:
         raise fmri_preproc.InputError(
-            f"the file is {size / 2**20:.0f} MB, over this function's limit of "
-            f"{cfg['max_input_mb']} MB", cause="a run larger than the function is sized for",
-            action="split the run, or raise MAX_INPUT_MB and the function's memory together")
+            f"{Path(key).name} is {size / 2**20:.1f} MB, over this function's limit of "
+            f"{cfg['max_input_mb']:g} MB (MAX_INPUT_MB).",
+            cause="The run is larger than the function is sized for.",
+            action="Split the run, or raise MAX_INPUT_MB and the function's memory together.")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / Path(key).name
         s3.download_file(bucket, key, str(local))
@@ -95,21 +98,34 @@ def _record_error(out_bucket: str, base: str, bucket: str, key: str, exc: Except
                   started: float) -> None:
     """Write ``<name>_error.json`` (what went wrong, likely cause, what to do) and log it."""
     permanent = isinstance(exc, fmri_preproc.InputError)
+    what, cause, action = _explain(exc)
     record = {
         "source": f"s3://{bucket}/{key}",
-        "error": str(exc),
+        "error": what,
         "error_type": type(exc).__name__,
-        "cause": getattr(exc, "cause", None) or "an unexpected error in the function",
-        "action": getattr(exc, "action", None) or "see the function's log for the traceback",
+        "cause": cause,
+        "action": action,
         "permanent": permanent,
         "finished": _utc_now(),
         "duration_s": round(time.time() - started, 3),
     }
-    _log("failed", level="ERROR", key=key, error=str(exc), permanent=permanent)
+    _log("failed", level="ERROR", key=key, error=what, permanent=permanent)
     try:
         _put_json(out_bucket, f"{base}_error.json", record)
     except Exception as write_exc:  # S3 itself failing: the log line above still tells
         _log("could not write the error record", level="ERROR", error=str(write_exc))
+
+
+def _explain(exc: Exception) -> tuple[str, str, str]:
+    """(what went wrong, the likely cause, what to do) for an error record."""
+    if isinstance(exc, fmri_preproc.InputError):
+        return exc.message, exc.cause, exc.action
+    if isinstance(exc, (BotoCoreError, ClientError)):  # after the SDK's own retries
+        return (str(exc), "S3 kept failing after several retries (an outage, throttling, "
+                "or a missing permission).", "Nothing at first: Lambda retries the event. "
+                "If the run stays failed, check the role's permissions and upload it again.")
+    return (f"{type(exc).__name__}: {exc}", "An unexpected error in the function.",
+            "See the function's log for the traceback.")
 
 
 def _put_json(bucket: str, key: str, body: dict) -> None:

@@ -1,0 +1,285 @@
+"""The whole pipeline for robustness tests: the real deployment zip, deployed as notebooks 01
+and 02 deploy it, on the test session's local cloud; small runs made here; and what a user
+can see afterwards (output objects, logs, the status table, the failure queue).
+
+Imported by the ``test_robustness_*`` modules (not a conftest: nothing here is shared by
+other tests).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from dataclasses import dataclass
+from urllib.parse import quote_plus, unquote_plus
+
+import nibabel as nib
+import numpy as np
+
+from fmri_preproc import output_name, params_to_affine
+from helpers.clients import client
+from helpers.deploy import build_lambda_zip
+from helpers.iam import execution_policy, lambda_trust_policy
+from helpers.lambda_logs import invocations, log_events
+from helpers.settings import BUILD_DIR, Settings
+from helpers.status import processing_status
+
+SHAPE = (16, 16, 8)
+N_VOLUMES = 20
+VOXEL_MM = (3.5, 3.5, 4.0)
+OUTPUT_KINDS = ("_desc-preproc_bold.nii.gz", "_desc-confounds_timeseries.tsv",
+                "_desc-preproc_bold.json")
+
+_zip_cache: dict[str, bytes] = {}
+
+
+def lambda_zip() -> bytes:
+    """The real deployment zip (``helpers.deploy.build_lambda_zip``), built once per session."""
+    if "zip" not in _zip_cache:
+        package = build_lambda_zip(out_dir=BUILD_DIR / "robustness-zip")
+        _zip_cache["zip"] = package.path.read_bytes()
+        _zip_cache["runtime"] = package.runtime
+    return _zip_cache["zip"]
+
+
+# ------------------------------------------------------------------------------------------
+# Small runs with known content
+
+
+def centred_affine(linear) -> np.ndarray:
+    """A voxel-to-world affine with the given 3x3 part and the field of view centred on 0."""
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = -np.asarray(linear) @ ((np.array(SHAPE) - 1) / 2)
+    return affine
+
+
+PLAIN = centred_affine(np.diag(VOXEL_MM))
+
+
+def phantom_motion(*, n_volumes=N_VOLUMES, seed=0) -> np.ndarray:
+    """The true motion of :func:`phantom_run` (engine convention: mm, radians), zero at the
+    middle volume (the engine's reference)."""
+    rng = np.random.default_rng([seed, 1])
+    motion = np.cumsum(rng.normal(0, [0.1, 0.1, 0.1, 0.002, 0.002, 0.002],
+                                  size=(n_volumes, 6)), axis=0)
+    return motion - motion[n_volumes // 2]
+
+
+def phantom_run(*, affine=PLAIN, shape=SHAPE, n_volumes=N_VOLUMES, seed=0) -> np.ndarray:
+    """A float32 run of smooth blobs in world mm, moving by up to ~1 mm / 1 degree, plus noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(-15, 15, size=(6, 3)) * [1, 1, 0.5]
+    ijk = np.indices(shape).reshape(3, -1)
+    world = (affine[:3, :3] @ ijk + affine[:3, 3:4]).T
+    motion = phantom_motion(n_volumes=n_volumes, seed=seed)
+    data = np.empty((*shape, n_volumes), dtype=np.float32)
+    for t, params in enumerate(motion):
+        inverse = np.linalg.inv(params_to_affine(params, affine, shape))
+        w = world @ inverse[:3, :3].T + inverse[:3, 3]
+        volume = 800 * np.exp(-np.sum((w / [24, 24, 14]) ** 2, axis=1))
+        for c in centres:
+            volume += 300 * np.exp(-np.sum((w - c) ** 2, axis=1) / (2 * 5.0**2))
+        data[..., t] = volume.reshape(shape) + 200
+    data += rng.normal(0, 5, size=data.shape).astype(np.float32)
+    return data
+
+
+def nifti_bytes(data, affine=PLAIN, *, dtype=None, slope=None, inter=None,
+                compress=True) -> bytes:
+    """A NIfTI-1 file's bytes (gzip-compressed unless ``compress=False``), TR = 2 s."""
+    img = nib.Nifti1Image(data, affine)
+    if dtype is not None:
+        img.header.set_data_dtype(dtype)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter or 0.0)
+    if np.ndim(data) == 4:
+        img.header.set_zooms((*img.header.get_zooms()[:3], 2.0))
+    raw = img.to_bytes()
+    return gzip.compress(raw, mtime=0) if compress else raw
+
+
+def large_run_bytes(*, shape=(64, 64, 32), n_volumes=100) -> bytes:
+    """A run of 64x64x32x100 int16 values (105 MB once read as float32) that compresses to
+    about 5 MB: a smooth blob, alternating by one unit over time."""
+    g = [np.exp(-((np.arange(n) - (n - 1) / 2) / (n / 4)) ** 2) for n in shape]
+    volume = (1000 * g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :])
+    data = np.repeat(volume.astype(np.int16)[..., None], n_volumes, axis=3)
+    data[..., 1::2] += 1
+    affine = np.diag([*VOXEL_MM, 1.0])
+    return gzip.compress(nib.Nifti1Image(data, affine).to_bytes(), compresslevel=1, mtime=0)
+
+
+# ------------------------------------------------------------------------------------------
+# A deployed pipeline and what its user sees
+
+
+def wait_until(predicate, *, timeout: float, poll: float = 0.25) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return bool(predicate())
+
+
+@dataclass
+class Pipeline:
+    """One deployed workbook: buckets, role, function, trigger, failure queue."""
+
+    cfg: Settings
+    queue_url: str
+
+    # --- acting as the user
+    def upload(self, key: str, body: bytes) -> str:
+        """Upload like notebook 03 does (one PUT); return the ETag."""
+        return client("s3").put_object(Bucket=self.cfg.input_bucket, Key=key, Body=body)["ETag"]
+
+    def event(self, key: str, size: int) -> dict:
+        """The S3 event for ``key``, as S3 delivers it (key URL-encoded)."""
+        return {"Records": [{
+            "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+            "s3": {"bucket": {"name": self.cfg.input_bucket,
+                              "arn": f"arn:aws:s3:::{self.cfg.input_bucket}"},
+                   "object": {"key": quote_plus(key), "size": size}}}]}
+
+    def invoke(self, event: dict) -> dict:
+        """Invoke the function synchronously; its payload (or error payload)."""
+        response = client("lambda").invoke(FunctionName=self.cfg.function_name,
+                                           Payload=json.dumps(event))
+        return json.loads(response["Payload"].read())
+
+    # --- what the user can see
+    def base(self, key: str) -> str:
+        return f"{self.cfg.output_prefix}{output_name(key)}"
+
+    def outputs(self, key: str) -> dict[str, dict]:
+        """Output objects of ``key`` (its name followed by "_"), by key."""
+        pages = client("s3").get_paginator("list_objects_v2").paginate(
+            Bucket=self.cfg.output_bucket, Prefix=f"{self.base(key)}_")
+        return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
+
+    def expected_outputs(self, key: str) -> set[str]:
+        """The keys of a complete result: three outputs and the completion marker."""
+        base = self.base(key)
+        return {f"{base}{kind}" for kind in OUTPUT_KINDS} | {f"{base}_done.json"}
+
+    def read(self, out_key: str) -> bytes:
+        return client("s3").get_object(Bucket=self.cfg.output_bucket, Key=out_key)["Body"].read()
+
+    def record(self, key: str, kind: str) -> dict:
+        """``kind`` = "error" or "done": the JSON record next to where the result would be."""
+        return json.loads(self.read(f"{self.base(key)}_{kind}.json"))
+
+    def runs(self, key: str | None = None) -> list[dict]:
+        """Invocations in the function's logs (of ``key`` only, if given)."""
+        records = invocations(log_events(self.cfg.log_group))
+        return [r for r in records if key is None or r.get("key") == key]
+
+    def log_messages(self) -> list[str]:
+        """Every line of the function's log group, oldest first."""
+        return [event["message"] for event in log_events(self.cfg.log_group)]
+
+    def handler_lines(self, key: str) -> list[dict]:
+        """The handler's own JSON log lines about ``key``."""
+        lines = []
+        for event in log_events(self.cfg.log_group):
+            if event["message"].startswith("{"):
+                line = json.loads(event["message"])
+                if line.get("key") == key:
+                    lines.append(line)
+        return lines
+
+    def status(self, keys: list[str]):
+        return processing_status(self.cfg, keys)
+
+    def failed_events(self) -> list[dict]:
+        """Messages in the on-failure queue (left in place: visibility timeout 0)."""
+        sqs = client("sqs")
+        seen: dict[str, dict] = {}
+        for _ in range(3):  # SQS may return a subset per call
+            for m in sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                                         VisibilityTimeout=0).get("Messages", []):
+                seen[m["MessageId"]] = json.loads(m["Body"])
+        return list(seen.values())
+
+    def failed_keys(self) -> list[str]:
+        return [unquote_plus(r["s3"]["object"]["key"]) for e in self.failed_events()
+                for r in e["requestPayload"]["Records"]]
+
+    def settle(self, keys: list[str], *, timeout: float = 120) -> None:
+        """Wait until no key is pending in the status table and each has a logged run."""
+        def finished() -> bool:
+            if (self.status(keys)["status"] == "pending").any():
+                return False
+            logged = {r.get("key") for r in self.runs()}
+            return set(keys) <= logged
+        assert wait_until(finished, timeout=timeout, poll=0.5), \
+            f"not finished after {timeout} s:\n{self.status(keys)}"
+
+
+def deploy_pipeline(tag: str, *, memory_mb: int = 512, timeout_s: int = 60,
+                    concurrency: int = 2, retries: int = 1, max_input_mb: float = 200,
+                    extra_env: dict | None = None) -> Pipeline:
+    """Create buckets and role (notebook 01) and the function, queue and trigger (notebook 02).
+
+    Parameters mirror notebook 02's; ``extra_env`` adds function environment variables.
+    """
+    cfg = Settings(mode="local", workbook_id=f"rb-{tag}")
+    s3, iam, lam, sqs = client("s3"), client("iam"), client("lambda"), client("sqs")
+    account_id = client("sts").get_caller_identity()["Account"]
+    for bucket in (cfg.input_bucket, cfg.output_bucket):
+        s3.create_bucket(Bucket=bucket)
+    role_arn = iam.create_role(
+        RoleName=cfg.role_name,
+        AssumeRolePolicyDocument=json.dumps(lambda_trust_policy()))["Role"]["Arn"]
+    iam.put_role_policy(RoleName=cfg.role_name, PolicyName=cfg.policy_name,
+                        PolicyDocument=json.dumps(execution_policy(cfg, account_id)))
+    queue_url = sqs.create_queue(QueueName=cfg.failure_queue)["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+        "Attributes"]["QueueArn"]
+    zip_bytes = lambda_zip()
+    variables = {"OUTPUT_BUCKET": cfg.output_bucket, "OUTPUT_PREFIX": cfg.output_prefix,
+                 "INPUT_PREFIX": cfg.input_prefix, "INPUT_SUFFIX": cfg.input_suffix,
+                 "FWHM_MM": "6.0", "MAX_INPUT_MB": str(max_input_mb), **(extra_env or {})}
+    function = lam.create_function(
+        FunctionName=cfg.function_name, Role=role_arn, Runtime=_zip_cache["runtime"],
+        Handler="handler.lambda_handler", Timeout=timeout_s, MemorySize=memory_mb,
+        Code={"ZipFile": zip_bytes}, Environment={"Variables": variables})
+    lam.put_function_concurrency(FunctionName=cfg.function_name,
+                                 ReservedConcurrentExecutions=concurrency)
+    lam.put_function_event_invoke_config(
+        FunctionName=cfg.function_name, MaximumRetryAttempts=retries,
+        MaximumEventAgeInSeconds=3600, DestinationConfig={"OnFailure": {"Destination": queue_arn}})
+    lam.add_permission(FunctionName=cfg.function_name, StatementId="s3-invoke",
+                       Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
+                       SourceArn=f"arn:aws:s3:::{cfg.input_bucket}", SourceAccount=account_id)
+    s3.put_bucket_notification_configuration(
+        Bucket=cfg.input_bucket,
+        NotificationConfiguration={"LambdaFunctionConfigurations": [{
+            "Id": "preprocess-new-runs", "LambdaFunctionArn": function["FunctionArn"],
+            "Events": ["s3:ObjectCreated:*"],
+            "Filter": {"Key": {"FilterRules": [
+                {"Name": "prefix", "Value": cfg.input_prefix},
+                {"Name": "suffix", "Value": cfg.input_suffix}]}}}]})
+    return Pipeline(cfg, queue_url)
+
+
+def remove_trigger(pipeline: Pipeline) -> None:
+    """Stop new uploads from invoking the function (runs still in flight finish)."""
+    client("s3").put_bucket_notification_configuration(
+        Bucket=pipeline.cfg.input_bucket, NotificationConfiguration={})
+
+
+def input_state(pipeline: Pipeline, key: str) -> tuple[str, bytes]:
+    """(ETag, bytes) of an input object, to show it was left untouched."""
+    obj = client("s3").get_object(Bucket=pipeline.cfg.input_bucket, Key=key)
+    return obj["ETag"], obj["Body"].read()
+
+
+def load_nifti(body: bytes):
+    """A nibabel image from a .nii.gz's bytes (data loaded)."""
+    raw = gzip.decompress(body)
+    img = nib.Nifti1Image.from_bytes(raw)
+    return img, np.asarray(img.dataobj, dtype=np.float32)
