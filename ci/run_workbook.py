@@ -25,6 +25,7 @@ from nbconvert import HTMLExporter
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 CI_PARAMETERS = ROOT / "ci" / "parameters.yaml"
+CELL_TIMEOUT_S = 900  # a cell stuck (e.g. waiting on a widget) fails the run instead of hanging
 
 
 def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = None) -> list[dict]:
@@ -56,7 +57,8 @@ def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = No
         try:
             papermill.execute_notebook(
                 str(notebook), str(executed), parameters=params.get(notebook.stem, {}),
-                cwd=str(notebook.parent), kernel_name="python3", progress_bar=False)
+                cwd=str(notebook.parent), kernel_name="python3", progress_bar=False,
+                execution_timeout=CELL_TIMEOUT_S)
         finally:
             if executed.exists():
                 _export_html(executed, build_dir / "html" / f"{notebook.stem}.html")

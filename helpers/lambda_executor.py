@@ -213,11 +213,10 @@ def _run_process(fn: Any, env: dict, task_root: Path, control: Path) -> tuple[li
     deadline = None  # set when the bootstrap has imported the handler and calls it
     status = {"timed_out": False, "out_of_memory": False, "max_rss_mb": 0,
               "start_ms": _now_ms()}
-    peak, rusage_kb = 0, 0
+    peak = 0
     while True:
-        pid, wait_status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        pid, wait_status = os.waitpid(proc.pid, os.WNOHANG)
         if pid:
-            rusage_kb = rusage.ru_maxrss
             status["exit_code"] = os.waitstatus_to_exitcode(wait_status)
             proc.returncode = status["exit_code"]
             break
@@ -232,9 +231,7 @@ def _run_process(fn: Any, env: dict, task_root: Path, control: Path) -> tuple[li
             _kill_group(proc.pid)
         time.sleep(POLL_S)
     reader.join(timeout=5)
-    # ru_maxrss is in kilobytes on Linux, bytes on macOS.
-    rusage_bytes = rusage_kb if sys.platform == "darwin" else rusage_kb * 1024
-    status["max_rss_mb"] = math.ceil(max(peak, rusage_bytes) / 2**20)
+    status["max_rss_mb"] = math.ceil(peak / 2**20)
     if status["out_of_memory"]:
         status["max_rss_mb"] = min(status["max_rss_mb"], int(fn.memory_size))
     return output, status
@@ -247,10 +244,21 @@ def _read_lines(stream: Any, out: list) -> None:
 
 
 def _tree_rss(pid: int) -> int:
-    """Resident memory of a process and its children, in bytes (0 once it has gone)."""
+    """Peak resident memory of a process plus its children's current, in bytes (0 once gone).
+
+    On Linux the kernel's high-water mark (VmHWM) catches peaks between two polls.
+    (``ru_maxrss`` from wait4 would not do: it counts the server's memory copied at fork.)
+    """
     try:
         proc = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+        own = proc.memory_info().rss
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                hwm = next(line for line in status if line.startswith("VmHWM:"))
+            own = max(own, int(hwm.split()[1]) * 1024)
+        except (OSError, StopIteration):
+            pass  # not Linux: polled RSS only
+        return own + sum(p.memory_info().rss for p in proc.children(recursive=True))
     except psutil.Error:
         return 0
 
