@@ -58,7 +58,10 @@ def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = No
             papermill.execute_notebook(
                 str(notebook), str(executed), parameters=params.get(notebook.stem, {}),
                 cwd=str(notebook.parent), kernel_name="python3", progress_bar=False,
-                execution_timeout=CELL_TIMEOUT_S)
+                execution_timeout=CELL_TIMEOUT_S,
+                # Cell errors are kept in the executed notebook; the kernel's own log lines
+                # (a TCP-transport notice, an interrupt at shutdown) are only noise here.
+                extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
         finally:
             if executed.exists():
                 _export_html(executed, build_dir / "html" / f"{notebook.stem}.html")

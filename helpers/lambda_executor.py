@@ -108,8 +108,21 @@ def _invoke_from_s3(account_id: str, event_body: Any, fn_arn: str, region_name: 
     """S3 notifications are asynchronous on AWS: queue the event and return at once."""
     from moto.awslambda.utils import get_backend
 
+    if _moto_extra_put(event_body):
+        return
     fn = get_backend(account_id, region_name).get_function(fn_arn)
     threading.Thread(target=_invoke_async, args=(fn, event_body), daemon=True).start()
+
+
+def _moto_extra_put(event: dict) -> bool:
+    """True for the ``Put`` event moto sends besides ``CompleteMultipartUpload``.
+
+    AWS sends one event per multipart upload; moto sends both. A multipart ETag ends in
+    ``-<parts>``, which a plain PUT's never does.
+    """
+    record = event["Records"][0]
+    return (record["eventName"] == "ObjectCreated:Put"
+            and "-" in record["s3"]["object"].get("eTag", ""))
 
 
 def _invoke_async(fn: Any, event: dict) -> None:

@@ -92,7 +92,8 @@ def _start() -> dict:
         proc = subprocess.Popen(
             [sys.executable, "-m", "helpers.local_cloud", "serve", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+            start_new_session=True, cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, "WORKBOOK_BUILD_DIR": str(BUILD_DIR)})  # same state dir
     deadline = time.monotonic() + START_TIMEOUT_S
     while not _is_up(endpoint):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -74,6 +74,21 @@ def test_matching_upload_runs_in_background(wired):
     assert wait_until(lambda: done_keys(out) == {"done/raw/sub 01 é_bold.nii.gz"})
 
 
+def test_multipart_upload_runs_once(wired, tmp_path):
+    """AWS sends one event per multipart upload (moto sends two; the executor drops one)."""
+    from boto3.s3.transfer import TransferConfig
+
+    name, inp, out = wired()
+    path = tmp_path / "big_bold.nii.gz"
+    path.write_bytes(b"\0" * (6 * 2**20))
+    client("s3").upload_file(str(path), inp, "raw/big_bold.nii.gz", Config=TransferConfig(
+        multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20))
+    assert wait_until(lambda: done_keys(out) == {"done/raw/big_bold.nii.gz"})
+    time.sleep(1.0)  # room for a second, wrong invocation to show up
+    records = invocations(log_events(f"/aws/lambda/{name}"))
+    assert len(records) == 1
+
+
 def test_filters_keep_other_keys_out(wired):
     name, inp, out = wired()
     s3 = client("s3")

@@ -40,9 +40,19 @@ __all__ = ["preprocess", "peak_memory_mb"]
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MB (``getrusage``; Linux reports KiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024.0 if sys.platform != "darwin" else peak / 1024.0**2
+    """Peak resident memory of this process so far, in MB.
+
+    Linux: the kernel's high-water mark of this program (VmHWM). ``getrusage`` would also
+    count the memory of a large parent copied at fork, before this program started.
+    Elsewhere: ``getrusage`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status
+                        if line.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024.0 if sys.platform != "darwin" else peak / 1024.0**2
 
 
 def preprocess(
