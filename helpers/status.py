@@ -96,6 +96,7 @@ def wait_for_results(cfg: Settings, keys: list[str], *, timeout_s: float = 600,
             finished = int((table["status"] != "pending").sum())
             bar.update(finished - bar.n)
             if finished == len(keys) or time.monotonic() > deadline:
+                print(f"{finished} of {len(keys)} runs finished")  # plain text for saved copies
                 return table
             time.sleep(poll_s)
 

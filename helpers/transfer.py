@@ -31,6 +31,8 @@ def upload_files(paths: list[Path], bucket: str, prefix: str) -> list[str]:
             key = f"{prefix}{path.name}"
             s3.upload_file(str(path), bucket, key, Callback=bar.update)
             keys.append(key)
+    # A plain line too: saved notebooks and their HTML show a widget bar's first state.
+    print(f"uploaded {len(keys)} files, {total / 1e6:.1f} MB, to s3://{bucket}/{prefix}")
     return keys
 
 
@@ -63,4 +65,5 @@ def download_prefix(bucket: str, prefix: str, dest_dir: Path) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, obj["Key"], str(path), Callback=bar.update)
             paths.append(path)
+    print(f"downloaded {len(paths)} files, {total / 1e6:.1f} MB, to {dest_dir}")
     return paths
