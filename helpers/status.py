@@ -19,6 +19,7 @@ from helpers.settings import Settings
 from helpers.transfer import list_objects
 
 STATUS_COLUMNS = ["key", "status", "reason", "duration_s", "max_memory_mb"]
+LOG_GRACE_S = 15.0
 
 
 def processing_status(cfg: Settings, keys: list[str]) -> pd.DataFrame:
@@ -95,7 +96,11 @@ def wait_for_results(cfg: Settings, keys: list[str], *, timeout_s: float = 600,
             table = processing_status(cfg, keys)
             finished = int((table["status"] != "pending").sum())
             bar.update(finished - bar.n)
-            if finished == len(keys) or time.monotonic() > deadline:
+            # A run's REPORT line lands just after its marker: give the logs LOG_GRACE_S.
+            logged = table["max_memory_mb"].notna().all()
+            if finished == len(keys) and not logged and time.monotonic() < deadline:
+                deadline = min(deadline, time.monotonic() + LOG_GRACE_S)
+            elif finished == len(keys) or time.monotonic() > deadline:
                 print(f"{finished} of {len(keys)} runs finished")  # plain text for saved copies
                 return table
             time.sleep(poll_s)
