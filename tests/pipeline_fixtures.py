@@ -16,13 +16,14 @@ from urllib.parse import quote_plus, unquote_plus
 import nibabel as nib
 import numpy as np
 
-from fmri_preproc import output_name, params_to_affine
+from fmri_preproc import output_name
 from helpers.clients import client
 from helpers.deploy import build_lambda_zip
 from helpers.iam import execution_policy, lambda_trust_policy
 from helpers.lambda_logs import invocations, log_events
 from helpers.settings import BUILD_DIR, Settings
 from helpers.status import processing_status
+from phantom import moving_blobs
 
 SHAPE = (16, 16, 8)
 N_VOLUMES = 20
@@ -70,17 +71,9 @@ def phantom_run(*, affine=PLAIN, shape=SHAPE, n_volumes=N_VOLUMES, seed=0) -> np
     """A float32 run of smooth blobs in world mm, moving by up to ~1 mm / 1 degree, plus noise."""
     rng = np.random.default_rng(seed)
     centres = rng.uniform(-15, 15, size=(6, 3)) * [1, 1, 0.5]
-    ijk = np.indices(shape).reshape(3, -1)
-    world = (affine[:3, :3] @ ijk + affine[:3, 3:4]).T
     motion = phantom_motion(n_volumes=n_volumes, seed=seed)
-    data = np.empty((*shape, n_volumes), dtype=np.float32)
-    for t, params in enumerate(motion):
-        inverse = np.linalg.inv(params_to_affine(params, affine, shape))
-        w = world @ inverse[:3, :3].T + inverse[:3, 3]
-        volume = 800 * np.exp(-np.sum((w / [24, 24, 14]) ** 2, axis=1))
-        for c in centres:
-            volume += 300 * np.exp(-np.sum((w - c) ** 2, axis=1) / (2 * 5.0**2))
-        data[..., t] = volume.reshape(shape) + 200
+    data = moving_blobs(shape, affine, motion, centres, head_mm=[24, 24, 14], head_amp=800,
+                        blob_sigma_mm=5.0, baseline=200)
     data += rng.normal(0, 5, size=data.shape).astype(np.float32)
     return data
 
@@ -114,7 +107,7 @@ def large_run_bytes(*, shape=(64, 64, 32), n_volumes=100) -> bytes:
 # A deployed pipeline and what its user sees
 
 
-def wait_until(predicate, *, timeout: float, poll: float = 0.25) -> bool:
+def wait_until(predicate, *, timeout: float = 30.0, poll: float = 0.25) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -7,23 +7,14 @@ run in file order: inspect, then delete.
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from helpers.cleanup import delete_all, find_leftovers
 from helpers.clients import client
 from helpers.settings import Settings
+from pipeline_fixtures import wait_until
 from private_cloud import ROOT, private_cloud, run_module, sandbox_env
-
-
-def wait_until(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.3)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def invoked(cfg):
         g["logGroupName"] == cfg.log_group for g in logs.describe_log_groups(
             logGroupNamePrefix=cfg.log_group)["logGroups"]) and logs.filter_log_events(
         logGroupName=cfg.log_group, filterPattern="REPORT")["events"]
-    assert wait_until(reported), "the function did not run"
+    assert wait_until(reported, timeout=60), "the function did not run"
     return cfg
 
 

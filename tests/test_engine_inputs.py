@@ -16,24 +16,16 @@ from fmri_preproc import (
     params_to_affine,
     preprocess,
 )
+from phantom import moving_blobs
 
 SHAPE = (20, 20, 12)
 
 
 def phantom_run(affine, motion, dtype=np.float32):
     """Smooth blobs in world mm; volume t shows the reference moved by motion[t]."""
-    rng = np.random.default_rng(3)
-    centres = rng.uniform(-20, 20, size=(12, 3)) * [1, 1, 0.5]
-    ijk = np.indices(SHAPE).reshape(3, -1)
-    world = (affine[:3, :3] @ ijk + affine[:3, 3:4]).T
-    data = np.empty((*SHAPE, len(motion)), dtype=np.float32)
-    for t, p in enumerate(motion):
-        inv = np.linalg.inv(params_to_affine(p, affine, SHAPE))
-        w = world @ inv[:3, :3].T + inv[:3, 3]
-        vol = 600 * np.exp(-np.sum((w / [30, 30, 20]) ** 2, axis=1))
-        for c in centres:
-            vol += 300 * np.exp(-np.sum((w - c) ** 2, axis=1) / (2 * 6.0**2))
-        data[..., t] = vol.reshape(SHAPE)
+    centres = np.random.default_rng(3).uniform(-20, 20, size=(12, 3)) * [1, 1, 0.5]
+    data = moving_blobs(SHAPE, affine, motion, centres, head_mm=[30, 30, 20], head_amp=600,
+                        blob_sigma_mm=6.0)
     return data.astype(dtype)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from helpers.clients import client
 from helpers.lambda_logs import invocations, log_events, peak_concurrency
+from pipeline_fixtures import wait_until
 
 APP = '''
 import json, os, time, boto3
@@ -23,15 +24,6 @@ def lambda_handler(event, context):
             raise RuntimeError("cannot process " + key)
         s3.put_object(Bucket=os.environ["OUT"], Key="done/" + key, Body=b"ok")
 '''
-
-
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture
