@@ -3,7 +3,7 @@
 Run from the project root:  .venv/bin/python bench/run_bench.py [--runs 3] [--ants-runs 1]
 
 For each simulated default-size run (64 x 64 x 32 x 150, 3.5 x 3.5 x 4 mm, true motion up
-to 2 mm / 2 degrees, from ``helpers.simulate.simulate_run``) this
+to 2 mm / 2 degrees, from ``helpers.analysis.simulate.simulate_run``) this
   1. runs ``python -m fmri_preproc`` in a child process on one core (OMP / OPENBLAS /
      MKL threads = 1) and measures its wall time (best of ``--repeats``) and peak RSS
      (``getrusage(RUSAGE_CHILDREN)`` in a tiny launcher process);
@@ -67,9 +67,9 @@ def measure(cmd: list[str]) -> dict:
 
 def simulate(seed: int):
     """A default-size run with known motion from the project's simulator."""
-    from helpers.simulate import simulate_run
+    from helpers.analysis.simulate import simulate_run
 
-    source = "helpers.simulate"
+    source = "helpers.analysis.simulate"
     run = simulate_run(shape=(64, 64, 32), n_volumes=150, tr=2.0, max_translation_mm=2.0,
                        max_rotation_deg=2.0, seed=seed)
     return run.img, np.asarray(run.motion), source

@@ -17,8 +17,8 @@ for _name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_
 import pytest  # noqa: E402
 
 from helpers import local_cloud  # noqa: E402
-from helpers.clients import client  # noqa: E402
-from helpers.iam import lambda_trust_policy  # noqa: E402
+from helpers.cloud.clients import client  # noqa: E402
+from helpers.cloud.iam import lambda_trust_policy  # noqa: E402
 
 
 @pytest.fixture(scope="session")

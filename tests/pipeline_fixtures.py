@@ -17,12 +17,12 @@ import nibabel as nib
 import numpy as np
 
 from fmri_preproc import output_name
-from helpers.clients import client
-from helpers.deploy import build_lambda_zip
-from helpers.iam import execution_policy, lambda_trust_policy
-from helpers.lambda_logs import invocations, log_events
-from helpers.settings import BUILD_DIR, Settings
-from helpers.status import processing_status
+from helpers.cloud.clients import client
+from helpers.cloud.deploy import build_lambda_zip
+from helpers.cloud.iam import execution_policy, lambda_trust_policy
+from helpers.cloud.logs import invocations, log_events
+from helpers.cloud.settings import BUILD_DIR, Settings
+from helpers.cloud.status import processing_status
 from phantom import moving_blobs
 
 SHAPE = (16, 16, 8)
@@ -35,7 +35,7 @@ _zip_cache: dict[str, bytes] = {}
 
 
 def lambda_zip() -> bytes:
-    """The real deployment zip (``helpers.deploy.build_lambda_zip``), built once per session."""
+    """The real deployment zip (``helpers.cloud.deploy.build_lambda_zip``), built once per session."""
     if "zip" not in _zip_cache:
         package = build_lambda_zip(out_dir=BUILD_DIR / "robustness-zip")
         _zip_cache["zip"] = package.path.read_bytes()

@@ -13,12 +13,11 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from helpers.clients import LOCAL_CREDENTIALS
+from helpers.cloud.clients import LOCAL_CREDENTIALS
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTING = ("AWS_ENDPOINT_URL", "AWS_CA_BUNDLE", "AWS_DEFAULT_REGION", *LOCAL_CREDENTIALS)
@@ -79,15 +78,3 @@ def private_cloud(sandbox: Path, *, start: bool = True) -> Iterator[dict]:
             else:
                 os.environ[name] = value
         run_module(sandbox, "helpers.local_cloud", "stop", timeout=60)
-
-
-def set_iam_enforcement(state: dict, on: bool) -> None:
-    """Turn moto's IAM enforcement on (every request checked) or off (all allowed)."""
-    import ssl
-
-    request = urllib.request.Request(
-        f"{state['endpoint']}/moto-api/reset-auth", data=b"0" if on else b"inf",
-        method="POST", headers={"Content-Type": "text/plain"})
-    context = ssl.create_default_context(cafile=state["ca_bundle"])
-    with urllib.request.urlopen(request, timeout=5, context=context):
-        pass

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from helpers.cleanup import delete_all, find_leftovers
-from helpers.clients import client
-from helpers.settings import Settings
+from helpers.cloud.cleanup import delete_all, find_leftovers
+from helpers.cloud.clients import client
+from helpers.cloud.settings import Settings
 from pipeline_fixtures import wait_until
 from private_cloud import ROOT, private_cloud, run_module, sandbox_env
 
@@ -189,7 +189,7 @@ def test_a_forgotten_resource_is_found_by_tag(invoked):
 
 def test_a_stale_tag_listing_is_not_a_leftover(invoked, monkeypatch):
     """On AWS the tagging API can list a resource for a while after its deletion."""
-    from helpers import cleanup
+    from helpers.cloud import cleanup
 
     stale = [f"arn:aws:s3:::{invoked.input_bucket}",
              f"arn:aws:sqs:us-east-1:123456789012:{invoked.failure_queue}",
@@ -209,7 +209,7 @@ def test_cli_cleans_up_a_half_finished_workbook(invoked, sandbox):
             "TagSet": [{"Key": k, "Value": v} for k, v in half.tags.items()]})
     s3.put_object(Bucket=half.input_bucket, Key="raw/sub-01_bold.nii.gz", Body=b"x")
     assert len(find_leftovers(half)) == 2
-    done = run_module(sandbox, "helpers.cleanup", "--workbook-id", half.workbook_id)
+    done = run_module(sandbox, "helpers.cloud.cleanup", "--workbook-id", half.workbook_id)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"bucket {half.input_bucket}: deleted" in done.stdout
     assert f"function {half.function_name}" in done.stdout and "already gone" in done.stdout
@@ -222,7 +222,7 @@ def test_cli_cleans_up_a_half_finished_workbook(invoked, sandbox):
     (["--yes"], {"CI": "true"}, "never"),        # confirmed, but under CI
 ])
 def test_cli_refuses_aws_without_opt_in_or_under_ci(sandbox, extra, env, refusal):
-    done = run_module(sandbox, "helpers.cleanup", "--mode", "aws", "--workbook-id",
+    done = run_module(sandbox, "helpers.cloud.cleanup", "--mode", "aws", "--workbook-id",
                       "fmriwb-nothere", *extra, env=env)
     assert done.returncode != 0
     assert "AwsModeRefused" in done.stderr and refusal in done.stderr

@@ -14,8 +14,8 @@ import pytest
 from matplotlib.figure import Figure
 
 from fmri_preproc import params_to_affine
-from helpers import connectivity as conn
-from helpers import qc_plots, simulate
+from helpers.analysis import connectome, derivatives, evaluation, motion_qc, timeseries
+from helpers.analysis import figures, simulate
 
 SHAPE = (24, 24, 12)
 
@@ -27,7 +27,7 @@ def run():
 
 def _confounds(motion: np.ndarray) -> pd.DataFrame:
     """fMRIPrep-style confounds built from a motion trace."""
-    cols = conn.MOTION_COLUMNS
+    cols = derivatives.MOTION_COLUMNS
     table = pd.DataFrame(motion, columns=cols)
     for col in cols:
         table[f"{col}_derivative1"] = table[col].diff()
@@ -40,7 +40,7 @@ def _confounds(motion: np.ndarray) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def derivatives(tmp_path_factory, run):
+def derivatives_dir(tmp_path_factory, run):
     """A derivatives folder in the engine's layout (the run itself stands in for its output)."""
     root = tmp_path_factory.mktemp("study")
     (root / "raw").mkdir()
@@ -56,17 +56,17 @@ def derivatives(tmp_path_factory, run):
     return root
 
 
-def test_find_runs_pairs_files_and_flags_errors(derivatives):
-    runs = conn.find_runs(derivatives / "derivatives", derivatives / "raw")
+def test_find_runs_pairs_files_and_flags_errors(derivatives_dir):
+    runs = derivatives.find_runs(derivatives_dir / "derivatives", derivatives_dir / "raw")
     assert list(runs["name"]) == ["sub-01_task-rest", "sub-02_task-rest"]
     assert list(runs["ok"]) == [True, False]
     assert runs.loc[1, "error"] is not None and runs.loc[1, "preproc"] is None
-    assert conn.reference_volume(runs.loc[0, "sidecar"], 40) == 7
+    assert derivatives.reference_volume(runs.loc[0, "sidecar"], 40) == 7
 
 
-def test_motion_confounds_are_24_parameters_with_scrubbing(derivatives, run):
-    preproc = derivatives / "derivatives" / "sub-01_task-rest_desc-preproc_bold.nii.gz"
-    confounds, sample_mask = conn.load_motion_confounds(preproc, fd_threshold=0.5, scrub=0)
+def test_motion_confounds_are_24_parameters_with_scrubbing(derivatives_dir, run):
+    preproc = derivatives_dir / "derivatives" / "sub-01_task-rest_desc-preproc_bold.nii.gz"
+    confounds, sample_mask = derivatives.load_motion_confounds(preproc, fd_threshold=0.5, scrub=0)
     assert confounds.shape == (40, 24)
     fd = simulate.framewise_displacement(run.motion)
     expected = np.flatnonzero(fd <= 0.5)
@@ -75,7 +75,7 @@ def test_motion_confounds_are_24_parameters_with_scrubbing(derivatives, run):
 
 
 def test_relative_motion_is_zero_at_the_reference(run):
-    rel = conn.relative_motion(run.motion, run.img.affine, SHAPE, reference=10)
+    rel = derivatives.relative_motion(run.motion, run.img.affine, SHAPE, reference=10)
     np.testing.assert_allclose(rel[10], 0, atol=1e-12)
     # composing back: M_t = R_t M_ref
     m_ref = params_to_affine(run.motion[10], run.img.affine, SHAPE)
@@ -87,23 +87,23 @@ def test_relative_motion_is_zero_at_the_reference(run):
 def test_truth_matrix_gives_perfect_scores(run):
     truth = run.true_connectivity
     nets = run.regions["network"]
-    assert conn.matrix_error(truth, truth) == 0
-    assert conn.network_recovery(truth, nets) == pytest.approx(1.0)
-    z = conn.fisher_z(truth)
+    assert connectome.matrix_error(truth, truth) == 0
+    assert connectome.network_recovery(truth, nets) == pytest.approx(1.0)
+    z = connectome.fisher_z(truth)
     assert np.all(np.diag(z) == 0) and np.all(np.isfinite(z))
 
 
 def test_timeseries_matrices_and_scores(run):
-    series = conn.region_timeseries(run.img, run.labels_img, tr=2.0)
+    series = timeseries.region_timeseries(run.img, run.labels_img, tr=2.0)
     assert series.shape == (40, len(run.regions))
-    spheres = conn.sphere_timeseries(run.img, run.regions[["x", "y", "z"]], tr=2.0, radius=8)
+    spheres = timeseries.sphere_timeseries(run.img, run.regions[["x", "y", "z"]], tr=2.0, radius=8)
     assert spheres.shape == series.shape
-    matrices = conn.connectivity_matrices([series, spheres])
+    matrices = connectome.connectivity_matrices([series, spheres])
     assert matrices.shape == (2, len(run.regions), len(run.regions))
     np.testing.assert_allclose(np.diag(matrices[0]), 1, atol=1e-6)
-    partial = conn.connectivity_matrices([series], kind="partial correlation")
+    partial = connectome.connectivity_matrices([series], kind="partial correlation")
     assert np.all(np.abs(partial) <= 1 + 1e-9)
-    result = conn.analyze_runs([run.img], [run.fd], run.labels_img, tr=2.0, arm="raw",
+    result = evaluation.analyze_runs([run.img], [run.fd], run.labels_img, tr=2.0, arm="raw",
                                subjects=["sub-01"], true_connectivity=run.true_connectivity,
                                true_networks=run.regions["network"])
     row = result.per_subject.iloc[0]
@@ -119,10 +119,10 @@ def test_qcfc_finds_motion_driven_edges():
     matrices = matrices + (noise + noise.transpose(0, 2, 1)) / 2
     matrices[:, 0, 1] = matrices[:, 1, 0] = 0.2 + 1.5 * mean_fd  # one motion-driven edge
     np.fill_diagonal(matrices[0], 1)
-    r, p = conn.qcfc(matrices, mean_fd)
+    r, p = motion_qc.qcfc(matrices, mean_fd)
     assert r[0] > 0.9 and p[0] < 1e-6
     assert np.median(np.abs(r[1:])) < 0.3
-    summary = conn.qcfc_summary(r, p, distances=np.arange(len(r), dtype=float))
+    summary = motion_qc.qcfc_summary(r, p, distances=np.arange(len(r), dtype=float))
     assert 0 <= summary["fraction_p05"] <= 1
 
 
@@ -134,7 +134,7 @@ def test_group_edge_test_controls_fdr():
     matrices[:, 0, 1] = matrices[:, 1, 0] = 0.6 + rng.normal(0, 0.05, 12)
     for m in matrices:
         np.fill_diagonal(m, 1)
-    table = conn.group_edge_test(matrices)
+    table = connectome.group_edge_test(matrices)
     assert len(table) == 10
     assert table.loc[0, "significant"] and table["significant"].sum() <= 2
     assert np.all(table["q"] >= table["p"] - 1e-12)
@@ -144,51 +144,51 @@ def test_fd_coupling_detects_fd_in_signals():
     rng = np.random.default_rng(2)
     fd = rng.exponential(0.1, 100)
     clean = rng.standard_normal((100, 4))
-    assert conn.fd_coupling(clean, fd) < 0.2
-    assert conn.fd_coupling(clean + 50 * fd[:, None], fd) > 0.8
+    assert motion_qc.fd_coupling(clean, fd) < 0.2
+    assert motion_qc.fd_coupling(clean + 50 * fd[:, None], fd) > 0.8
     kept = np.arange(10, 100)
-    assert conn.fd_coupling(clean[kept], fd, sample_mask=kept) < 0.25
+    assert motion_qc.fd_coupling(clean[kept], fd, sample_mask=kept) < 0.25
 
 
 def test_summary_has_the_documented_keys(run, tmp_path):
     fds = [run.fd, run.fd * 2, run.fd * 3]
-    results = {arm: conn.analyze_runs([run.img] * 3, fds, run.labels_img, tr=2.0, arm=arm,
+    results = {arm: evaluation.analyze_runs([run.img] * 3, fds, run.labels_img, tr=2.0, arm=arm,
                                       subjects=["sub-01", "sub-02", "sub-03"],
                                       true_connectivity=run.true_connectivity,
                                       true_networks=run.regions["network"])
                for arm in ("raw", "preproc")}
-    summary = conn.summarize(results, true_connectivity=run.true_connectivity,
+    summary = evaluation.summarize(results, true_connectivity=run.true_connectivity,
                              true_networks=run.regions["network"])
     for key in ("sub-01", "group"):
         for metric in ("ari", "matrix_error", "qcfc"):
             assert set(summary[key][metric]) == {"raw", "preproc"}
-    path = conn.write_summary(summary, tmp_path / "results" / "connectivity_summary.json")
+    path = evaluation.write_summary(summary, tmp_path / "results" / "connectivity_summary.json")
     assert json.loads(path.read_text())["group"]["n_subjects"] == 3
 
 
 def test_data_driven_parcellation(run):
-    labels = conn.data_driven_labels(run.img, n_parcels=10, mask_img=run.brain_mask_img, tr=2.0)
+    labels = timeseries.data_driven_labels(run.img, n_parcels=10, mask_img=run.brain_mask_img, tr=2.0)
     values = np.unique(np.asarray(labels.dataobj))
     assert len(values[values > 0]) == 10
-    assert conn.region_coordinates(labels).shape == (10, 3)
+    assert timeseries.region_coordinates(labels).shape == (10, 3)
 
 
 # --------------------------------------------------------------------------------------
 # Figures
 
 
-def test_qc_figures_render(run, derivatives):
-    confounds = conn.read_confounds(
-        derivatives / "derivatives" / "sub-01_task-rest_desc-confounds_timeseries.tsv")
-    figures = [
-        qc_plots.plot_motion_qc(confounds, tr=2.0, true_motion=run.motion),
-        qc_plots.plot_mean_tsnr(run.img, run.brain_mask_img),
-        qc_plots.plot_carpets({"raw": run.img, "again": run.img}, run.brain_mask_img, tr=2.0,
+def test_qc_figures_render(run, derivatives_dir):
+    confounds = derivatives.read_confounds(
+        derivatives_dir / "derivatives" / "sub-01_task-rest_desc-confounds_timeseries.tsv")
+    drawn = [
+        figures.plot_motion_qc(confounds, tr=2.0, true_motion=run.motion),
+        figures.plot_mean_tsnr(run.img, run.brain_mask_img),
+        figures.plot_carpets({"raw": run.img, "again": run.img}, run.brain_mask_img, tr=2.0,
                               fd=run.fd),
-        qc_plots.plot_volume_pair({"raw": run.img, "corrected": run.img}, volume=3, axis="y"),
+        figures.plot_volume_pair({"raw": run.img, "corrected": run.img}, volume=3, axis="y"),
     ]
-    assert all(isinstance(fig, Figure) and fig.axes for fig in figures)
-    tsnr = np.asarray(qc_plots.tsnr_img(run.img).dataobj)
+    assert all(isinstance(fig, Figure) and fig.axes for fig in drawn)
+    tsnr = np.asarray(figures.tsnr_img(run.img).dataobj)
     assert tsnr.shape == SHAPE and tsnr.max() > 10
     matplotlib.pyplot.close("all")
 
@@ -203,16 +203,16 @@ def test_connectivity_figures_render(run):
     per_subject = {arm: pd.DataFrame({"mean_fd": [0.1, 0.2], "matrix_error": [0.2, 0.3],
                                       "ari": [1.0, 0.8], "fd_coupling": [0.1, 0.2]})
                    for arm in ("raw", "preproc")}
-    table = conn.group_edge_test(np.stack([truth] * 4) + rng.normal(0, 0.01, (4, *truth.shape)))
-    figures = [
-        qc_plots.plot_network_matrix(truth, labels=names, networks=nets, title="truth"),
-        qc_plots.plot_connectome_networks(truth, coords, networks=nets),
-        qc_plots.plot_communities(nets, conn.detect_communities(truth)),
-        qc_plots.plot_edge_test(table, len(names), labels=names, networks=nets),
-        qc_plots.plot_qcfc(r, distances=rng.uniform(10, 100, 20)),
-        qc_plots.plot_raw_vs_preproc(per_subject),
+    table = connectome.group_edge_test(np.stack([truth] * 4) + rng.normal(0, 0.01, (4, *truth.shape)))
+    drawn = [
+        figures.plot_network_matrix(truth, labels=names, networks=nets, title="truth"),
+        figures.plot_connectome_networks(truth, coords, networks=nets),
+        figures.plot_communities(nets, connectome.detect_communities(truth)),
+        figures.plot_edge_test(table, len(names), labels=names, networks=nets),
+        figures.plot_qcfc(r, distances=rng.uniform(10, 100, 20)),
+        figures.plot_raw_vs_preproc(per_subject),
     ]
-    assert all(isinstance(fig, Figure) and fig.axes for fig in figures)
+    assert all(isinstance(fig, Figure) and fig.axes for fig in drawn)
     matplotlib.pyplot.close("all")
 
 
@@ -221,7 +221,7 @@ def test_widget_viewer_draws_only_when_a_control_changes():
 
     calls = []
     slider = widgets.IntSlider(1, 0, 5)
-    viewer = qc_plots.widget_viewer(lambda value: calls.append(value), {"value": slider})
+    viewer = figures.widget_viewer(lambda value: calls.append(value), {"value": slider})
     assert isinstance(viewer, widgets.VBox) and calls == []
     slider.value = 3
     assert calls == [3]

@@ -6,11 +6,11 @@ from datetime import date, timedelta
 
 import pytest
 
-from helpers.clients import client
-from helpers.costs import GB, HOURS_PER_MONTH, PRICES, PRICES_DATE, PRICES_SOURCE, run_cost
-from helpers.iam import lambda_trust_policy
-from helpers.lambda_logs import invocations
-from helpers.settings import Settings
+from helpers.cloud.clients import client
+from helpers.cloud.costs import GB, HOURS_PER_MONTH, PRICES, PRICES_DATE, PRICES_SOURCE, run_cost
+from helpers.cloud.iam import lambda_trust_policy
+from helpers.cloud.logs import invocations
+from helpers.cloud.settings import Settings
 from conftest import make_zip
 from private_cloud import private_cloud
 
@@ -61,7 +61,7 @@ def item(costs, name):
 
 
 def report_fields(message):
-    """The fields of a REPORT line, parsed here independently of helpers.lambda_logs."""
+    """The fields of a REPORT line, parsed here independently of helpers.cloud.logs."""
     return dict(re.findall(r"([A-Za-z ]+): ([\d.]+) (?:ms|MB)", message))
 
 

@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from helpers.deploy import AWS_RUNTIME, UNZIPPED_LIMIT_MB, ZIPPED_LIMIT_MB, build_lambda_zip, local_runtime
+from helpers.cloud.deploy import AWS_RUNTIME, UNZIPPED_LIMIT_MB, ZIPPED_LIMIT_MB, build_lambda_zip, local_runtime
 
 
 @pytest.fixture(scope="module")

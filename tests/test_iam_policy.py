@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from helpers import local_cloud
-from helpers.clients import client
-from helpers.iam import execution_policy, lambda_trust_policy
-from helpers.settings import Settings
+from helpers.cloud.clients import client
+from helpers.cloud.iam import execution_policy, lambda_trust_policy
+from helpers.cloud.settings import Settings
 from conftest import make_zip
 from private_cloud import private_cloud
 
@@ -127,9 +127,7 @@ def account(tmp_path_factory):
         key = iam.create_access_key(UserName="admin")["AccessKey"]
         admin = {"aws_access_key_id": key["AccessKeyId"],
                  "aws_secret_access_key": key["SecretAccessKey"], "aws_session_token": None}
-        with pytest.MonkeyPatch.context() as patch:  # the helper, with this cloud's certificate
-            patch.setattr(local_cloud, "CERT_FILE", Path(state["ca_bundle"]))
-            local_cloud.enable_iam_enforcement(state["endpoint"])
+        local_cloud.set_iam_enforcement(state["endpoint"], ca_bundle=Path(state["ca_bundle"]))
         yield admin
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from helpers.clients import client
-from helpers.lambda_logs import invocations, log_events
+from helpers.cloud.clients import client
+from helpers.cloud.logs import invocations, log_events
 
 APP = '''
 import json, os, sys, time

@@ -367,9 +367,9 @@ def wait_for_runs(pipeline, key, n, timeout=120):
 SESSION_SCRIPT = textwrap.dedent('''
     import json, os, signal, time
     from helpers import local_cloud
-    from helpers.clients import client
-    from helpers.iam import lambda_trust_policy
-    from helpers.session import MissingResources, open_session
+    from helpers.cloud.clients import client
+    from helpers.cloud.iam import lambda_trust_policy
+    from helpers.cloud.session import MissingResources, open_session
 
     def notebook_01(cfg):
         for bucket in (cfg.input_bucket, cfg.output_bucket):

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers.lambda_logs import peak_concurrency
-from helpers.status import STATUS_COLUMNS, write_status
+from helpers.cloud.logs import peak_concurrency
+from helpers.cloud.status import STATUS_COLUMNS, write_status
 from pipeline_fixtures import deploy_pipeline, nifti_bytes, phantom_run, remove_trigger
 
 N_RUNS = 20

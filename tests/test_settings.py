@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from helpers.clients import use_local_cloud
-from helpers.settings import AwsModeRefused, forget_settings, load_settings
+from helpers.cloud.clients import use_local_cloud
+from helpers.cloud.settings import AwsModeRefused, forget_settings, load_settings
 
 
 def test_aws_mode_is_refused_under_tests_even_when_confirmed():

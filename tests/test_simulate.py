@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from fmri_preproc import params_to_affine
-from helpers import simulate
+from helpers.analysis import simulate
 
 SMALL = dict(shape=(24, 24, 12), n_volumes=20, tr=2.0)
 

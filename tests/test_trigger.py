@@ -6,8 +6,8 @@ from urllib.parse import unquote_plus
 
 import pytest
 
-from helpers.clients import client
-from helpers.lambda_logs import invocations, log_events, peak_concurrency
+from helpers.cloud.clients import client
+from helpers.cloud.logs import invocations, log_events, peak_concurrency
 from pipeline_fixtures import wait_until
 
 APP = '''

@@ -45,7 +45,10 @@ from typing import Any, Iterator
 
 import psutil
 
-BOOTSTRAP = Path(__file__).with_name("lambda_bootstrap.py")
+from helpers.local_cloud import moto_adapter
+from helpers.local_cloud.moto_adapter import FunctionView
+
+BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
 # What the Lambda Python runtime provides besides the standard library.
 RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "urllib3", "six")
 # Concurrency when the function has no reserved concurrency: this machine's cores.
@@ -87,30 +90,23 @@ def install(endpoint: str, work_dir: Path, ca_bundle: Path) -> None:
     ca_bundle : Path
         The local cloud's certificate, handed to the function as ``AWS_CA_BUNDLE``.
     """
-    from moto.awslambda.models import LambdaFunction
-    import moto.s3.notifications as notifications
-
     work_dir.mkdir(parents=True, exist_ok=True)
     _state.update(endpoint=endpoint, work_dir=work_dir, ca_bundle=ca_bundle,
                   runtime_dir=_runtime_dir(work_dir))
-    LambdaFunction._invoke_lambda = _invoke_sync
-    notifications._invoke_awslambda = _invoke_from_s3
+    moto_adapter.install_hooks(_invoke_sync, _invoke_from_s3)
 
 
-def _invoke_sync(fn: Any, event: Any = None) -> tuple[str, bool, str]:
-    """moto's ``_invoke_lambda`` signature: (payload, errored, logs)."""
+def _invoke_sync(fn: FunctionView, event: Any = None) -> tuple[str, bool, str]:
+    """The ``Invoke`` API (synchronous): (payload, errored, logs)."""
     with _THROTTLE.slot(fn):
         result = run(fn, event if event is not None else {})
     return result.payload, result.errored, "\n".join(result.log_lines)
 
 
-def _invoke_from_s3(account_id: str, event_body: Any, fn_arn: str, region_name: str) -> None:
+def _invoke_from_s3(fn: FunctionView, event_body: dict) -> None:
     """S3 notifications are asynchronous on AWS: queue the event and return at once."""
-    from moto.awslambda.utils import get_backend
-
     if _moto_extra_put(event_body):
         return
-    fn = get_backend(account_id, region_name).get_function(fn_arn)
     threading.Thread(target=_invoke_async, args=(fn, event_body), daemon=True).start()
 
 
@@ -125,9 +121,9 @@ def _moto_extra_put(event: dict) -> bool:
             and "-" in record["s3"]["object"].get("eTag", ""))
 
 
-def _invoke_async(fn: Any, event: dict) -> None:
+def _invoke_async(fn: FunctionView, event: dict) -> None:
     """Run an event with AWS's asynchronous semantics: retries, then the failure destination."""
-    config = _event_invoke_config(fn)
+    config = fn.async_config
     attempts = 1 + int(config.get("MaximumRetryAttempts", 2))
     for attempt in range(attempts):
         with _THROTTLE.slot(fn):
@@ -141,10 +137,6 @@ def _invoke_async(fn: Any, event: dict) -> None:
         _send_failure(fn, destination, event, result, attempts)
 
 
-def _event_invoke_config(fn: Any) -> dict:
-    return fn.event_invoke_config[-1].config if fn.event_invoke_config else {}
-
-
 class _Throttle:
     """At most the function's reserved concurrency (or the core count) runs at once."""
 
@@ -153,8 +145,8 @@ class _Throttle:
         self._running: dict[str, int] = defaultdict(int)
 
     @contextmanager
-    def slot(self, fn: Any) -> Iterator[None]:
-        arn = fn.function_arn
+    def slot(self, fn: FunctionView) -> Iterator[None]:
+        arn = fn.arn
         with self._cond:
             while self._running[arn] >= _concurrency_cap(fn):
                 self._cond.wait()
@@ -170,17 +162,17 @@ class _Throttle:
 _THROTTLE = _Throttle()
 
 
-def _concurrency_cap(fn: Any) -> int:
+def _concurrency_cap(fn: FunctionView) -> int:
     reserved = fn.reserved_concurrency
-    return DEFAULT_CONCURRENCY if reserved in (None, "") else max(int(reserved), 0)
+    return DEFAULT_CONCURRENCY if reserved is None else max(reserved, 0)
 
 
-def run(fn: Any, event: Any) -> Invocation:
+def run(fn: FunctionView, event: Any) -> Invocation:
     """Run the function once on ``event`` in a fresh interpreter, and log it like Lambda.
 
     Parameters
     ----------
-    fn : moto.awslambda.models.LambdaFunction
+    fn : FunctionView
         The function as moto stores it (code, handler, timeout, memory, role, variables).
     event : dict or str
         The event; a JSON string is decoded first.
@@ -199,7 +191,7 @@ def run(fn: Any, event: Any) -> Invocation:
         task_root = _task_root(fn)
         env = _environment(fn, task_root, scratch, stream, result.request_id)
         (control / "event.json").write_text(json.dumps(
-            {"event": event, "request_id": result.request_id, "timeout": float(fn.timeout)}))
+            {"event": event, "request_id": result.request_id, "timeout": fn.timeout_s}))
         started = time.monotonic()
         output, status = _run_process(fn, env, task_root, control)
         result.duration_ms = (time.monotonic() - started) * 1000
@@ -212,7 +204,7 @@ def run(fn: Any, event: Any) -> Invocation:
     return result
 
 
-def _run_process(fn: Any, env: dict, task_root: Path, control: Path) -> tuple[list, dict]:
+def _run_process(fn: FunctionView, env: dict, task_root: Path, control: Path) -> tuple[list, dict]:
     """Start the bootstrap, enforce timeout and memory, collect output lines with times."""
     proc = subprocess.Popen(
         [sys.executable, "-I", "-S", "-u", str(BOOTSTRAP), str(control)], cwd=task_root, env=env,
@@ -221,7 +213,7 @@ def _run_process(fn: Any, env: dict, task_root: Path, control: Path) -> tuple[li
     output: list[tuple[int, str]] = []
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, output), daemon=True)
     reader.start()
-    limit_bytes = int(fn.memory_size) * 1024 * 1024
+    limit_bytes = fn.memory_mb * 1024 * 1024
     init_deadline = time.monotonic() + INIT_LIMIT_S
     deadline = None  # set when the bootstrap has imported the handler and calls it
     status = {"timed_out": False, "out_of_memory": False, "max_rss_mb": 0,
@@ -235,10 +227,10 @@ def _run_process(fn: Any, env: dict, task_root: Path, control: Path) -> tuple[li
             break
         peak = max(peak, _tree_rss(proc.pid))
         if deadline is None and (control / "invoked").exists():
-            deadline = time.monotonic() + float(fn.timeout)
+            deadline = time.monotonic() + fn.timeout_s
         if peak > limit_bytes:
             status["out_of_memory"] = True
-        elif time.monotonic() > (deadline or init_deadline + float(fn.timeout)):
+        elif time.monotonic() > (deadline or init_deadline + fn.timeout_s):
             status["timed_out"] = True
         if status["out_of_memory"] or status["timed_out"]:
             _kill_group(proc.pid)
@@ -246,7 +238,7 @@ def _run_process(fn: Any, env: dict, task_root: Path, control: Path) -> tuple[li
     reader.join(timeout=5)
     status["max_rss_mb"] = math.ceil(peak / 2**20)
     if status["out_of_memory"]:
-        status["max_rss_mb"] = min(status["max_rss_mb"], int(fn.memory_size))
+        status["max_rss_mb"] = min(status["max_rss_mb"], fn.memory_mb)
     return output, status
 
 
@@ -283,7 +275,7 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _finish(fn: Any, result: Invocation, control: Path, output: list,
+def _finish(fn: FunctionView, result: Invocation, control: Path, output: list,
             status: dict) -> list[tuple[int, str]]:
     """Set the payload and error type; return the log events (ms, line) Lambda would write."""
     rid = result.request_id
@@ -291,7 +283,7 @@ def _finish(fn: Any, result: Invocation, control: Path, output: list,
     outcome_file = control / "result.json"
     if status["timed_out"]:
         result.error_type = "Sandbox.Timedout"
-        message = f"Task timed out after {float(fn.timeout):.2f} seconds"
+        message = f"Task timed out after {fn.timeout_s:.2f} seconds"
         lines.append((_now_ms(), f"{_iso_now()} {rid} {message}"))
     elif status["out_of_memory"]:
         result.error_type = "Runtime.OutOfMemory"
@@ -310,10 +302,10 @@ def _finish(fn: Any, result: Invocation, control: Path, output: list,
         result.payload = json.dumps({"errorType": result.error_type, "errorMessage": message})
     billed = math.ceil(result.duration_ms)
     if status["timed_out"]:
-        billed = int(float(fn.timeout) * 1000)
+        billed = int(fn.timeout_s * 1000)
     lines.append((_now_ms(), f"END RequestId: {rid}"))
     report = (f"REPORT RequestId: {rid}\tDuration: {result.duration_ms:.2f} ms\t"
-              f"Billed Duration: {billed} ms\tMemory Size: {int(fn.memory_size)} MB\t"
+              f"Billed Duration: {billed} ms\tMemory Size: {fn.memory_mb} MB\t"
               f"Max Memory Used: {result.max_memory_mb} MB\t")
     if status["timed_out"] or status["out_of_memory"]:
         report += f"Status: {'timeout' if status['timed_out'] else 'error'}\t"
@@ -323,23 +315,19 @@ def _finish(fn: Any, result: Invocation, control: Path, output: list,
     return lines
 
 
-def _write_logs(fn: Any, stream: str, events: list[tuple[int, str]]) -> None:
+def _write_logs(fn: FunctionView, stream: str, events: list[tuple[int, str]]) -> None:
     """Write the invocation's lines to the function's log group, as the Lambda service does."""
-    backend = fn.logs_backend
-    backend.ensure_log_group(fn.logs_group_name)
-    backend.create_log_stream(fn.logs_group_name, stream)
-    backend.put_log_events(fn.logs_group_name, stream,
-                           [{"timestamp": ts, "message": line} for ts, line in events])
+    moto_adapter.write_log_events(fn, stream, events)
 
 
-def _log_stream_name(fn: Any) -> str:
+def _log_stream_name(fn: FunctionView) -> str:
     today = datetime.now(timezone.utc)
     return f"{today:%Y/%m/%d}/[{fn.version}]{uuid.uuid4().hex}"
 
 
-def _environment(fn: Any, task_root: Path, scratch: Path, stream: str, rid: str) -> dict:
+def _environment(fn: FunctionView, task_root: Path, scratch: Path, stream: str, rid: str) -> dict:
     """Lambda's environment: its reserved variables, the function's, the role's credentials."""
-    creds = _role_credentials(fn)
+    creds = moto_adapter.role_credentials(fn, session_name=fn.name)
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "en_US.UTF-8",
@@ -349,45 +337,28 @@ def _environment(fn: Any, task_root: Path, scratch: Path, stream: str, rid: str)
         "LAMBDA_TASK_ROOT": str(task_root),
         "LAMBDA_RUNTIME_DIR": str(_state["runtime_dir"]),
         "_HANDLER": fn.handler,
-        "AWS_EXECUTION_ENV": f"AWS_Lambda_{fn.run_time}",
-        "AWS_LAMBDA_FUNCTION_NAME": fn.function_name,
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_size),
+        "AWS_EXECUTION_ENV": f"AWS_Lambda_{fn.runtime}",
+        "AWS_LAMBDA_FUNCTION_NAME": fn.name,
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_mb),
         "AWS_LAMBDA_FUNCTION_VERSION": fn.version,
-        "AWS_LAMBDA_FUNCTION_TIMEOUT": str(fn.timeout),
-        "AWS_LAMBDA_LOG_GROUP_NAME": fn.logs_group_name,
+        "AWS_LAMBDA_FUNCTION_TIMEOUT": str(int(fn.timeout_s)),
+        "AWS_LAMBDA_LOG_GROUP_NAME": fn.log_group,
         "AWS_LAMBDA_LOG_STREAM_NAME": stream,
-        "AWS_LAMBDA_FUNCTION_ARN": fn.function_arn,
+        "AWS_LAMBDA_FUNCTION_ARN": fn.arn,
         "AWS_REQUEST_ID": rid,
         "AWS_REGION": fn.region,
         "AWS_DEFAULT_REGION": fn.region,
         "AWS_ENDPOINT_URL": _state["endpoint"],
         "AWS_CA_BUNDLE": str(_state["ca_bundle"]),
     }
-    env.update({k: str(v) for k, v in (fn.environment_vars or {}).items()})
+    env.update(fn.environment)
     env.update(creds)
     return env
 
 
-def _role_credentials(fn: Any) -> dict[str, str]:
-    """Temporary credentials of the execution role, from moto's STS backend.
-
-    The Lambda service assumes the role itself; moto's AssumeRole API fails for roles whose
-    trust policy names a service principal, so we ask its STS backend directly.
-    """
-    from moto.sts.models import sts_backends
-
-    account_id = fn.function_arn.split(":")[4]
-    sts = sts_backends[account_id]["aws"]
-    role = sts.assume_role(region_name=fn.region, role_session_name=fn.function_name,
-                           role_arn=fn.role, policy="", duration=3600, external_id="")
-    return {"AWS_ACCESS_KEY_ID": role.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": role.secret_access_key,
-            "AWS_SESSION_TOKEN": role.session_token}
-
-
-def _task_root(fn: Any) -> Path:
+def _task_root(fn: FunctionView) -> Path:
     """The zip extracted once per code version, like Lambda's /var/task (read-only)."""
-    root = _state["work_dir"] / fn.code_sha_256.replace("/", "_").replace("+", "-")
+    root = _state["work_dir"] / fn.code_sha256.replace("/", "_").replace("+", "-")
     if not root.exists():
         partial = Path(tempfile.mkdtemp(dir=_state["work_dir"], prefix="extracting-"))
         with zipfile.ZipFile(io.BytesIO(fn.code_bytes)) as archive:
@@ -413,23 +384,20 @@ def _runtime_dir(work_dir: Path) -> Path:
     return runtime
 
 
-def _send_failure(fn: Any, destination: str, event: dict, result: Invocation,
+def _send_failure(fn: FunctionView, destination: str, event: dict, result: Invocation,
                   attempts: int) -> None:
     """Send a failed asynchronous invocation to its SQS on-failure destination."""
-    from moto.sqs.models import sqs_backends
-
-    _, _, _, region, account_id, queue_name = destination.split(":", 5)
     record = {
         "version": "1.0",
         "timestamp": _iso_now(),
-        "requestContext": {"requestId": result.request_id, "functionArn": fn.function_arn,
+        "requestContext": {"requestId": result.request_id, "functionArn": fn.arn,
                            "condition": "RetriesExhausted", "approximateInvokeCount": attempts},
         "requestPayload": event,
         "responseContext": {"statusCode": 200, "executedVersion": "$LATEST",
                             "functionError": "Unhandled"},
         "responsePayload": json.loads(result.payload) if result.payload else None,
     }
-    sqs_backends[account_id][region].send_message(queue_name, json.dumps(record))
+    moto_adapter.send_message(destination, json.dumps(record))
 
 
 def _now_ms() -> int:

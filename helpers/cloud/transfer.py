@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from helpers.clients import client
+from helpers.cloud.clients import client
 
 
 def upload_files(paths: list[Path], bucket: str, prefix: str) -> list[str]:

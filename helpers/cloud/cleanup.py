@@ -3,8 +3,8 @@
 Every step tolerates "already gone", so cleanup can be re-run safely, also after a notebook
 crashed half-way. From a shell::
 
-    python -m helpers.cleanup --mode local --workbook-id fmriwb-1a2b3c4d
-    python -m helpers.cleanup --mode aws --workbook-id fmriwb-1a2b3c4d --yes
+    python -m helpers.cloud.cleanup --mode local --workbook-id fmriwb-1a2b3c4d
+    python -m helpers.cloud.cleanup --mode aws --workbook-id fmriwb-1a2b3c4d --yes
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from dataclasses import replace
 
 from botocore.exceptions import ClientError
 
-from helpers.clients import client
-from helpers.settings import Settings
+from helpers.cloud.clients import client
+from helpers.cloud.settings import Settings
 
 NOT_FOUND = {"NoSuchBucket", "NoSuchEntity", "ResourceNotFoundException", "404",
              "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NotFound"}
@@ -172,10 +172,10 @@ def _tagged_arns(cfg: Settings) -> list[str]:
 
 def _main(argv: list[str]) -> int:
     from helpers import local_cloud
-    from helpers.clients import use_aws
-    from helpers.settings import load_settings
+    from helpers.cloud.clients import use_aws
+    from helpers.cloud.settings import load_settings
 
-    parser = argparse.ArgumentParser(prog="python -m helpers.cleanup", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m helpers.cloud.cleanup", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["local", "aws"], default="local")
     parser.add_argument("--workbook-id", help="default: the id saved under build/")

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import boto3
 from botocore.config import Config
 
-from helpers.settings import DEFAULT_REGION
+from helpers.cloud.settings import DEFAULT_REGION
 
 # botocore's standard retry mode: exponential backoff with jitter on throttling and
 # transient 5xx errors, the same policy the Lambda handler uses.

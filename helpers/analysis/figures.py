@@ -351,7 +351,7 @@ def plot_edge_test(table: pd.DataFrame, n_regions: int, *, labels=None, networks
     Parameters
     ----------
     table : pandas.DataFrame
-        Output of :func:`helpers.connectivity.group_edge_test`.
+        Output of :func:`helpers.analysis.connectivity.group_edge_test`.
     n_regions : int
     labels, networks : list of str, optional
 
@@ -418,7 +418,7 @@ def plot_raw_vs_preproc(per_subject: dict):
     ----------
     per_subject : dict
         Analysis name -> DataFrame with ``mean_fd``, ``matrix_error``, ``ari``,
-        ``fd_coupling`` (from :func:`helpers.connectivity.analyze_runs`).
+        ``fd_coupling`` (from :func:`helpers.analysis.connectivity.analyze_runs`).
 
     Returns
     -------

@@ -6,7 +6,7 @@ own failure queue. Nothing else: no listing, no deleting, no other bucket.
 """
 from __future__ import annotations
 
-from helpers.settings import Settings
+from helpers.cloud.settings import Settings
 
 
 def lambda_trust_policy() -> dict:

@@ -14,7 +14,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Overridable so that tests and CI runs keep their state apart from a student's own run.
 BUILD_DIR = Path(os.environ.get("WORKBOOK_BUILD_DIR", PROJECT_ROOT / "build"))
 DATA_DIR = Path(os.environ.get("WORKBOOK_DATA_DIR", PROJECT_ROOT / "data"))

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from helpers import local_cloud
-from helpers.clients import client, use_aws
-from helpers.settings import Settings, load_settings
+from helpers.cloud.clients import client, use_aws
+from helpers.cloud.settings import Settings, load_settings
 
 # What each notebook needs that an earlier notebook made, and which notebook made it.
 NEEDS = {

@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from helpers.lambda_logs import invocations, log_events
-from helpers.settings import Settings
-from helpers.transfer import list_objects
+from helpers.cloud.logs import invocations, log_events
+from helpers.cloud.settings import Settings
+from helpers.cloud.transfer import list_objects
 
 PRICES_DATE = "2026-11-25"
 PRICES_SOURCE = ("https://aws.amazon.com/lambda/pricing/, https://aws.amazon.com/s3/pricing/, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 
-from helpers.clients import client
+from helpers.cloud.clients import client
 
 REPORT_RE = re.compile(
     r"REPORT RequestId: (?P<request_id>\S+)\s+Duration: (?P<duration_ms>[\d.]+) ms\s+"

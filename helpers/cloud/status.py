@@ -13,10 +13,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from fmri_preproc import output_name
-from helpers.clients import client
-from helpers.lambda_logs import invocations, log_events
-from helpers.settings import Settings
-from helpers.transfer import list_objects
+from helpers.cloud.clients import client
+from helpers.cloud.logs import invocations, log_events
+from helpers.cloud.settings import Settings
+from helpers.cloud.transfer import list_objects
 
 STATUS_COLUMNS = ["key", "status", "reason", "duration_s", "max_memory_mb"]
 LOG_GRACE_S = 15.0

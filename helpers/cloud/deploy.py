@@ -8,7 +8,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.settings import BUILD_DIR, PROJECT_ROOT
+from helpers.cloud.settings import BUILD_DIR, PROJECT_ROOT
 
 LAMBDA_SOURCE = PROJECT_ROOT / "lambda_package"
 # AWS Lambda limits: https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html

@@ -1,12 +1,13 @@
-"""The local cloud: an emulated AWS (moto) in a background process on 127.0.0.1.
+"""Start, find and stop the local cloud: an emulated AWS (moto) in a background process.
 
 It speaks HTTPS with a self-signed certificate made on first start (``AWS_CA_BUNDLE`` points
 boto3 at it), so bucket policies that deny plain HTTP behave as on AWS.
 
 It runs in its own process so that its state (buckets, role, function, logs) outlives each
 notebook's kernel: notebook 01 starts it, notebooks 02-04 find it through a small state file
-under ``build/``, and notebook 05 stops it. Inside that process, :mod:`helpers.lambda_executor`
-replaces moto's Docker-based Lambda runner, so uploads really run the deployed zip.
+under ``build/``, and notebook 05 stops it. Inside that process (:func:`serve`),
+:mod:`helpers.local_cloud.executor` replaces moto's Docker-based Lambda runner, so uploads
+really run the deployed zip.
 
 Run ``python -m helpers.local_cloud {start,status,stop}`` from a shell to manage it by hand.
 """
@@ -23,8 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from helpers.clients import use_local_cloud
-from helpers.settings import BUILD_DIR, DEFAULT_REGION
+from helpers.cloud.clients import use_local_cloud
+from helpers.cloud.settings import BUILD_DIR, DEFAULT_REGION, PROJECT_ROOT
+from helpers.local_cloud import moto_adapter
 
 STATE_DIR = BUILD_DIR / "local_cloud"
 STATE_FILE = STATE_DIR / "state.json"
@@ -41,7 +43,8 @@ class LocalCloudMissing(RuntimeError):
 def _is_up(endpoint: str) -> bool:
     context = ssl.create_default_context(cafile=str(CERT_FILE)) if CERT_FILE.exists() else None
     try:
-        with urllib.request.urlopen(f"{endpoint}/moto-api/config", timeout=2, context=context):
+        with urllib.request.urlopen(f"{endpoint}{moto_adapter.HEALTH_PATH}", timeout=2,
+                                    context=context):
             return True
     except OSError:
         return False
@@ -92,7 +95,7 @@ def _start() -> dict:
         proc = subprocess.Popen(
             [sys.executable, "-m", "helpers.local_cloud", "serve", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=Path(__file__).resolve().parents[1],
+            start_new_session=True, cwd=PROJECT_ROOT,
             env={**os.environ, "WORKBOOK_BUILD_DIR": str(BUILD_DIR)})  # same state dir
     deadline = time.monotonic() + START_TIMEOUT_S
     while not _is_up(endpoint):
@@ -152,51 +155,36 @@ def stop() -> bool:
     return True
 
 
-def enable_iam_enforcement(endpoint: str) -> None:
-    """Make the local cloud check every request against IAM policies, as AWS does.
+def set_iam_enforcement(endpoint: str, on: bool = True, *, ca_bundle: Path = CERT_FILE) -> None:
+    """Make the local cloud check every request against IAM policies, as AWS does (or not).
 
     moto accepts any request by default. With enforcement on, the execution role's
     least-privilege policy is really checked for S3 (see README, "Local cloud vs AWS").
+
+    Parameters
+    ----------
+    endpoint : str
+        The local cloud's URL.
+    on : bool
+        True: check every request; False: allow everything again.
+    ca_bundle : Path
+        That local cloud's certificate.
     """
     # The body must arrive raw: urllib's default form content type would make the server
-    # parse it as a form and see an empty body.
-    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0",
-                                     method="POST", headers={"Content-Type": "text/plain"})
-    context = ssl.create_default_context(cafile=str(CERT_FILE))
+    # parse it as a form and see an empty body. moto counts requests before enforcing:
+    # "0" enforces from the next one, "inf" never.
+    request = urllib.request.Request(f"{endpoint}{moto_adapter.IAM_ENFORCEMENT_PATH}",
+                                     data=b"0" if on else b"inf", method="POST",
+                                     headers={"Content-Type": "text/plain"})
+    context = ssl.create_default_context(cafile=str(ca_bundle))
     with urllib.request.urlopen(request, timeout=5, context=context):
         pass
 
 
-def _serve(port: int) -> None:
+def serve(port: int) -> None:
     """Entry point of the server process: hook the Lambda executor in, then serve."""
-    from moto import server
-
-    from helpers import lambda_executor
+    from helpers.local_cloud import executor
 
     os.environ.setdefault("MOTO_PORT", str(port))
-    lambda_executor.install(f"https://127.0.0.1:{port}", STATE_DIR / "tasks", CERT_FILE)
-    server.main(["--host", "127.0.0.1", "--port", str(port),
-                 "--ssl-cert", str(CERT_FILE), "--ssl-key", str(KEY_FILE)])
-
-
-def _main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m helpers.local_cloud")
-    parser.add_argument("command", choices=["start", "status", "stop", "serve"])
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        _serve(args.port)
-    elif args.command == "start":
-        print(ensure_running()["endpoint"])
-    elif args.command == "status":
-        state = find()
-        print(f"running at {state['endpoint']}" if state else "not running")
-    else:
-        print("stopped" if stop() else "was not running")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    executor.install(f"https://127.0.0.1:{port}", STATE_DIR / "tasks", CERT_FILE)
+    moto_adapter.serve("127.0.0.1", port, cert=str(CERT_FILE), key=str(KEY_FILE))
