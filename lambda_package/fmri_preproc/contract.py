@@ -116,7 +116,9 @@ def parse_bids_name(name: str | Path) -> BidsName:
 BOLD_SUFFIX = "bold"
 #: What the trigger fires on (the S3 notification's suffix filter) and the engine reads.
 INPUT_SUFFIX = "_bold.nii.gz"
-TEMPLATE = "MNI152NLin2009cAsym"
+# nilearn ships the ICBM 2009a nonlinear *symmetric* template (mni_icbm152_*_tal_nlin_sym_09a),
+# TemplateFlow's MNI152NLin2009aSym: outputs are named for the template actually used.
+TEMPLATE = "MNI152NLin2009aSym"
 TEMPLATE_RES = "2"
 
 
