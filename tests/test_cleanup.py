@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from fmri_preproc.contract import INPUT_SUFFIX
 from helpers.cloud.cleanup import delete_all, find_leftovers
 from helpers.cloud.clients import client
 from helpers.cloud.settings import Settings
@@ -104,7 +105,7 @@ def test_trigger_cannot_be_reached_by_outputs(cfg):
     (config,) = client("s3").get_bucket_notification_configuration(
         Bucket=cfg.input_bucket)["LambdaFunctionConfigurations"]
     rules = {r["Name"].lower(): r["Value"] for r in config["Filter"]["Key"]["FilterRules"]}
-    assert rules == {"prefix": cfg.input_prefix, "suffix": cfg.input_suffix}
+    assert rules == {"prefix": cfg.input_prefix, "suffix": INPUT_SUFFIX}
     assert "LambdaFunctionConfigurations" not in client("s3").get_bucket_notification_configuration(
         Bucket=cfg.output_bucket)
 

@@ -1,14 +1,25 @@
-"""Build the Lambda deployment zip: our handler and engine plus numpy and nibabel wheels."""
+"""The function: its deployment zip, and the one source of its configuration.
+
+- :func:`build_lambda_zip`: our handler and engine plus numpy and nibabel wheels;
+- :class:`FunctionSpec`: memory, timeout, /tmp, concurrency, retries, event age, smoothing
+  and threads, in one place. :func:`function_configuration`,
+  :func:`event_invoke_configuration`, :func:`invoke_permission` and
+  :func:`notification_configuration` turn it into the keyword arguments of the boto3 calls
+  that notebook 02 makes (and the tests, and ``docs/setup_guide.md``), so all three deploy
+  the same function.
+"""
 from __future__ import annotations
 
 import shutil
+import time
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from helpers.cloud.settings import BUILD_DIR, PROJECT_ROOT
+from fmri_preproc.contract import INPUT_SUFFIX
+from helpers.cloud.settings import BUILD_DIR, PROJECT_ROOT, Settings
 
 LAMBDA_SOURCE = PROJECT_ROOT / "lambda_package"
 # AWS Lambda limits: https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html
@@ -114,3 +125,124 @@ def _write_zip(stage: Path, path: Path) -> int:
             unzipped += file.stat().st_size
     partial.replace(path)
     return unzipped
+
+
+# ------------------------------------------------------------------------------------------
+# The function's configuration: one source
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """How the function runs. Every value has a reason, given beside it.
+
+    Attributes
+    ----------
+    memory_mb : int
+        ``MemorySize``. A default run (64 x 64 x 32 x 150) peaks at about 220 MB (REPORT
+        lines, notebook 03); memory also buys CPU (one vCPU at 1,769 MB).
+    timeout_s : int
+        ``Timeout``: a safety stop well above a run's duration (10-40 s at this size).
+    ephemeral_mb : int
+        ``EphemeralStorage``: /tmp holds the download and the outputs (512 MB is free).
+    max_concurrency : int
+        Reserved concurrency: at most this many runs at once (a cost cap).
+    retry_attempts : int
+        Retries of a failed asynchronous invocation (AWS allows 0-2).
+    max_event_age_s : int
+        How long an event may wait for a free slot (AWS allows 60 s to 6 h): a study of
+        1,000 runs at a concurrency of 4 needs hours, so the maximum.
+    fwhm_mm : float
+        Smoothing kernel, full width at half maximum (mm).
+    max_input_mb : float
+        Larger uploads get a clear error record instead of an out-of-memory kill.
+    blas_threads : int
+        One BLAS thread: the engine works volume by volume, and extra threads only fight
+        over the function's share of a CPU (measured: 2x the CPU time without this).
+    """
+
+    memory_mb: int = 384
+    timeout_s: int = 120
+    ephemeral_mb: int = 512
+    max_concurrency: int = 4
+    retry_attempts: int = 1
+    max_event_age_s: int = 21600
+    fwhm_mm: float = 6.0
+    max_input_mb: float = 150.0
+    blas_threads: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+HANDLER = "handler.lambda_handler"
+TRIGGER_ID = "preprocess-new-runs"
+PERMISSION_ID = "s3-invoke"
+
+
+def function_environment(cfg: Settings, spec: FunctionSpec) -> dict[str, str]:
+    """The function's environment variables (the handler requires every one of them)."""
+    threads = str(spec.blas_threads)
+    return {"OUTPUT_BUCKET": cfg.output_bucket, "OUTPUT_PREFIX": cfg.output_prefix,
+            "INPUT_PREFIX": cfg.input_prefix, "FWHM_MM": str(spec.fwhm_mm),
+            "MAX_INPUT_MB": str(spec.max_input_mb),
+            "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+
+
+def function_configuration(cfg: Settings, spec: FunctionSpec, *, role_arn: str,
+                           runtime: str) -> dict:
+    """Keyword arguments of ``lambda.create_function`` (all but ``Code`` and ``Tags``); also
+    valid for ``update_function_configuration``."""
+    return dict(FunctionName=cfg.function_name, Role=role_arn, Runtime=runtime,
+                Handler=HANDLER, Timeout=spec.timeout_s, MemorySize=spec.memory_mb,
+                EphemeralStorage={"Size": spec.ephemeral_mb},
+                Description="fMRI preprocessing: motion correction, smoothing, confounds",
+                Environment={"Variables": function_environment(cfg, spec)})
+
+
+def event_invoke_configuration(cfg: Settings, spec: FunctionSpec, *, queue_arn: str) -> dict:
+    """Keyword arguments of ``lambda.put_function_event_invoke_config``: retries, event age
+    and the on-failure destination."""
+    return dict(FunctionName=cfg.function_name, MaximumRetryAttempts=spec.retry_attempts,
+                MaximumEventAgeInSeconds=spec.max_event_age_s,
+                DestinationConfig={"OnFailure": {"Destination": queue_arn}})
+
+
+def invoke_permission(cfg: Settings, *, account_id: str) -> dict:
+    """Keyword arguments of ``lambda.add_permission``: S3 may invoke the function, for events
+    from this workbook's input bucket in this account only."""
+    return dict(FunctionName=cfg.function_name, StatementId=PERMISSION_ID,
+                Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
+                SourceArn=f"arn:aws:s3:::{cfg.input_bucket}", SourceAccount=account_id)
+
+
+def notification_configuration(cfg: Settings, *, function_arn: str) -> dict:
+    """Keyword arguments of ``s3.put_bucket_notification_configuration``: new BOLD runs under
+    the input prefix invoke the function (outputs go to another bucket: no loop)."""
+    return dict(Bucket=cfg.input_bucket, NotificationConfiguration={
+        "LambdaFunctionConfigurations": [{
+            "Id": TRIGGER_ID, "LambdaFunctionArn": function_arn,
+            "Events": ["s3:ObjectCreated:*"],
+            "Filter": {"Key": {"FilterRules": [
+                {"Name": "prefix", "Value": cfg.input_prefix},
+                {"Name": "suffix", "Value": INPUT_SUFFIX}]}}}]})
+
+
+def while_role_propagates(call, *args, attempts: int = 10, delay_s: float = 3.0, **kwargs):
+    """Call ``call(*args, **kwargs)``, retrying while a brand-new role is not usable yet.
+
+    IAM is eventually consistent: for a few seconds after ``create_role`` and
+    ``put_role_policy``, Lambda may answer ``InvalidParameterValueException`` ("The role
+    defined for the function cannot be assumed by Lambda", or "The function's execution role
+    does not have permissions to call SendMessage on SQS"). Anything else is raised at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:  # botocore's modelled exceptions are made per client
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            message = str(exc)
+            propagating = code == "InvalidParameterValueException" and (
+                "assume" in message or "permission" in message)
+            if not propagating or attempt == attempts - 1:
+                raise
+            time.sleep(delay_s)

@@ -345,6 +345,7 @@ class Record:
     SOURCE = "source"
     VERSION_ID = "version_id"
     ETAG = "etag"
+    INPUT_LAST_MODIFIED = "input_last_modified"  # with the ETag: which upload was processed
     FINISHED = "finished"
     DURATION_S = "duration_s"
     ERROR = "error"
@@ -361,7 +362,8 @@ class LogEvent:
     START = "start"
     DONE = "done"
     FAILED = "failed"
-    SKIPPED = "skipped"
+    SKIPPED = "skipped"        # the key is not a BOLD run under the input prefix
+    SUPERSEDED = "superseded"  # a newer upload replaced the input: this run wrote nothing
 
 
 @dataclass(frozen=True)
