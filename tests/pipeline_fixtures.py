@@ -23,7 +23,7 @@ from helpers.cloud.deploy import (FunctionSpec, build_lambda_zip, event_invoke_c
                                   notification_configuration)
 from helpers.cloud.iam import execution_policy, lambda_trust_policy
 from helpers.cloud.logs import invocations, log_events
-from helpers.cloud.settings import BUILD_DIR, Settings
+from helpers.cloud.settings import Settings
 from helpers.cloud.status import processing_status
 from phantom import moving_blobs
 
@@ -40,7 +40,7 @@ _zip_cache: dict[str, bytes] = {}
 def lambda_zip() -> bytes:
     """The real deployment zip (``helpers.cloud.deploy.build_lambda_zip``), built once per session."""
     if "zip" not in _zip_cache:
-        package = build_lambda_zip(out_dir=BUILD_DIR / "robustness-zip")
+        package = build_lambda_zip()  # the same folder as notebook 02's: built once
         _zip_cache["zip"] = package.path.read_bytes()
         _zip_cache["runtime"] = package.runtime
     return _zip_cache["zip"]

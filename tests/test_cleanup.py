@@ -17,6 +17,8 @@ from helpers.cloud.settings import Settings
 from pipeline_fixtures import wait_until
 from private_cloud import ROOT, private_cloud, run_module, sandbox_env
 
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
+
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):

@@ -17,6 +17,8 @@ from helpers.cloud.settings import Settings
 from conftest import make_zip
 from private_cloud import private_cloud
 
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
+
 CFG = Settings(mode="local", workbook_id="fmriwb-iamtest")
 OTHER_BUCKET = "fmriwb-someone-elses-data"
 OTHER_QUEUE = "fmriwb-someone-elses-queue"

@@ -29,6 +29,8 @@ from helpers import local_cloud
 from pipeline_fixtures import (deploy_pipeline, input_state, large_run_bytes, nifti_bytes,
                                phantom_run, remove_trigger, wait_until)
 
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
+
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
           503: ("ServiceUnavailable", "Please reduce your request rate.")}

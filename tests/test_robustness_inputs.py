@@ -24,6 +24,8 @@ from pipeline_fixtures import (N_VOLUMES, PLAIN, SHAPE, centred_affine, deploy_p
                                input_state, load_nifti, nifti_bytes, phantom_motion,
                                phantom_run, remove_trigger)
 
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
+
 MAX_INPUT_MB = 1
 GOOD = phantom_run(seed=1)
 

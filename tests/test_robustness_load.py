@@ -16,6 +16,8 @@ from helpers.cloud.logs import peak_concurrency
 from helpers.cloud.status import STATUS_COLUMNS, write_status
 from pipeline_fixtures import deploy_pipeline, nifti_bytes, phantom_run, remove_trigger
 
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
+
 N_RUNS = 20
 CAP = 3
 BAD = {"raw/load-18-empty_bold.nii.gz": b"",

@@ -75,25 +75,44 @@ def build_lambda_zip(*, runtime: str | None = None, for_aws: bool = False,
     Returns
     -------
     LambdaZip
+
+    Notes
+    -----
+    The installed wheels are kept in ``out_dir`` and reused while the requirements and the
+    target are unchanged, so rebuilding after a code change takes a second. For AWS, pip
+    evaluates dependency markers against the Python that runs pip, not the target's (pip
+    issue 11664): :func:`_complete_for_target` then adds what the target needs (e.g.
+    nibabel's ``typing-extensions; python_version < "3.13"``) and removes what it does not.
     """
     runtime = runtime or (AWS_RUNTIME if for_aws else local_runtime())
-    stage = out_dir / "package"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    _pip_install(stage, runtime, for_aws)
+    stage = out_dir / f"package-{runtime}{'-aws' if for_aws else ''}"
+    stamp = stage / ".requirements"
+    wanted = f"{runtime} aws={for_aws}\n{(LAMBDA_SOURCE / 'requirements.txt').read_text()}"
+    if not stamp.exists() or stamp.read_text() != wanted:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        _pip_install(stage, runtime, for_aws, ["-r", str(LAMBDA_SOURCE / "requirements.txt")])
+        if for_aws:
+            _complete_for_target(stage, runtime)
+        _prune(stage)
+        stamp.write_text(wanted)
+    for ours in ("handler.py", "fmri_preproc"):  # our code: always fresh
+        target = stage / ours
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     shutil.copy2(LAMBDA_SOURCE / "handler.py", stage)
     shutil.copytree(LAMBDA_SOURCE / "fmri_preproc", stage / "fmri_preproc",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    _prune(stage)
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     path = out_dir / f"function-{runtime}{'-aws' if for_aws else ''}.zip"
     unzipped = _write_zip(stage, path)
     return LambdaZip(path, runtime, path.stat().st_size / 2**20, unzipped / 2**20)
 
 
-def _pip_install(stage: Path, runtime: str, for_aws: bool) -> None:
+def _pip_install(stage: Path, runtime: str, for_aws: bool, requirements: list[str], *,
+                 no_deps: bool = False) -> None:
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-           "--only-binary=:all:", "--target", str(stage),
-           "-r", str(LAMBDA_SOURCE / "requirements.txt")]
+           "--only-binary=:all:", "--upgrade", "--target", str(stage), *requirements]
+    if no_deps:
+        cmd.append("--no-deps")
     if for_aws:
         version = runtime.removeprefix("python")
         cmd += ["--implementation", "cp", "--python-version", version]
@@ -102,6 +121,51 @@ def _pip_install(stage: Path, runtime: str, for_aws: bool) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"pip could not install the Lambda's requirements:\n{done.stderr}")
+
+
+def target_environment(runtime: str) -> dict[str, str]:
+    """PEP 508 marker environment of a Lambda runtime (Amazon Linux, x86_64, CPython)."""
+    version = runtime.removeprefix("python")
+    return {"python_version": version, "python_full_version": f"{version}.0",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython",
+            "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+            "platform_machine": "x86_64", "extra": ""}
+
+
+def missing_for_target(stage: Path, runtime: str) -> list[str]:
+    """Requirements of the distributions in ``stage`` that the target needs and lacks.
+
+    Reads each ``*.dist-info/METADATA``, evaluates its ``Requires-Dist`` markers for the
+    target runtime and returns those not satisfied by a distribution in ``stage``.
+    """
+    from importlib.metadata import distributions
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    installed = {canonicalize_name(d.metadata["Name"]): d.version
+                 for d in distributions(path=[str(stage)])}
+    env = target_environment(runtime)
+    missing = []
+    for dist in distributions(path=[str(stage)]):
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate(env):
+                continue
+            have = installed.get(canonicalize_name(req.name))
+            if have is None or not req.specifier.contains(have, prereleases=True):
+                missing.append(str(req.name) + str(req.specifier))
+    return sorted(set(missing))
+
+
+def _complete_for_target(stage: Path, runtime: str) -> None:
+    """Install what the target runtime needs that pip left out, until nothing is missing."""
+    for _ in range(5):
+        missing = missing_for_target(stage, runtime)
+        if not missing:
+            return
+        _pip_install(stage, runtime, True, missing, no_deps=True)
+    raise RuntimeError(f"could not complete the Lambda's dependencies for {runtime}: {missing}")
 
 
 def _prune(stage: Path) -> None:
@@ -117,7 +181,8 @@ def _write_zip(stage: Path, path: Path) -> int:
     partial = path.with_suffix(".zip.partial")
     unzipped = 0
     with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        for file in sorted(p for p in stage.rglob("*") if p.is_file()):
+        files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != ".requirements")
+        for file in files:
             info = zipfile.ZipInfo(str(file.relative_to(stage)), date_time=ZIP_DATE)
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
