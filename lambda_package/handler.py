@@ -169,16 +169,13 @@ def _preprocess(obj: S3Object, run: Run):
             cause="The run is larger than the function is sized for.",
             action="Split the run, or raise MAX_INPUT_MB and the function's memory together.")
     with tempfile.TemporaryDirectory() as tmp:
-        # fixed local names: a long key never makes a file name too long for /tmp
-        local = Path(tmp) / ("input" + ("_bold.nii.gz" if obj.key.endswith(".gz")
-                                        else "_bold.nii"))
+        # Fixed local names, whatever the key: a long key never makes a name too long for
+        # /tmp. Outputs are uploaded by kind, under the run's own names.
+        local = Path(tmp) / "input_bold.nii.gz"
         _download_pinned(obj, local)
-        # the engine names outputs from the file name: give it the run's own name
-        named = local.with_name(str(run.source))
-        local.rename(named)
-        result = fmri_preproc.preprocess(named, Path(tmp) / "out", fwhm=CONFIG.fwhm_mm,
+        result = fmri_preproc.preprocess(local, Path(tmp) / "out", fwhm=CONFIG.fwhm_mm,
                                          max_bytes=int(CONFIG.max_input_mb * 2**20))
-        named.unlink()  # free /tmp before uploading
+        local.unlink()  # free /tmp before uploading
         _write_dataset_files(obj)
         for kind, path in result.outputs.items():
             _upload_current(obj, path, _key(run.path(kind)))
@@ -296,7 +293,7 @@ def _still_current(obj: S3Object) -> None:
         head = s3.head_object(Bucket=obj.bucket, Key=obj.key)
     except ClientError as exc:
         if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-            raise Superseded() from exc  # deleted since: nothing to describe any more
+            return  # deleted since, not replaced: this run's record is the latest word
         raise
     same = (head.get("VersionId") == obj.version_id) if obj.version_id else \
         (_etag(head.get("ETag")) == obj.etag)
