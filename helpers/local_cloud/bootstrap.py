@@ -15,9 +15,12 @@ as ``Runtime.Unknown``).
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
+
+PR_SET_PDEATHSIG = 1  # Linux prctl
 
 
 class LambdaContext:
@@ -77,8 +80,21 @@ def _load_handler(spec):
     return handler
 
 
+def _die_with_the_server():
+    """Linux: be killed if the local cloud's server dies (e.g. SIGKILL) while we run."""
+    server = os.getppid()
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux
+    if os.getppid() != server:  # it died before we asked
+        os._exit(1)
+
+
 def main(event_file, result_fd):
     started = time.time()
+    _die_with_the_server()
     channel = os.fdopen(os.dup(result_fd), "w")  # dup: not inherited by the handler's children
     os.close(result_fd)
     sys.path[:0] = [os.environ["LAMBDA_TASK_ROOT"], os.environ["LAMBDA_RUNTIME_DIR"]]
