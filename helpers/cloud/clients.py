@@ -28,7 +28,8 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def use_local_cloud(endpoint: str, region: str = DEFAULT_REGION, *,
-                    ca_bundle: Path | None = None, credentials: Mapping[str, str]) -> None:
+                    ca_bundle: Path | None = None,
+                    credentials: Mapping[str, str] | None = None) -> None:
     """Point every boto3 client of this process at the local cloud.
 
     Parameters
@@ -46,6 +47,9 @@ def use_local_cloud(endpoint: str, region: str = DEFAULT_REGION, *,
     host = urlparse(endpoint).hostname
     if host not in LOOPBACK_HOSTS:
         raise ValueError(f"the local cloud must be on this machine, not {endpoint!r}")
+    if credentials is None:
+        raise ValueError("the local cloud takes only its own key: pass "
+                         "credentials=helpers.local_cloud.own_key()")
     LOCAL_CREDENTIALS.clear()
     LOCAL_CREDENTIALS.update({name: credentials[name]
                               for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
