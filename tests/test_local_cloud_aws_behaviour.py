@@ -235,7 +235,8 @@ def test_cpu_share_follows_memory(aws_behaviour, async_function):
     assert 0.6 < gb_s < 1.5
     reports = {name: [r["duration_ms"] for r in invocations(log_events(f"/aws/lambda/{name}"))]
                for name in walls}
-    assert min(reports[small]) > 2 * max(reports[large])  # the REPORT lines show it too
+    # The REPORT lines show it too (their Duration also holds the interpreter's start).
+    assert min(reports[small]) > max(reports[large])
 
 
 # ------------------------------------------------------------------------------------------
