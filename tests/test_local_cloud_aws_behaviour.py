@@ -231,8 +231,10 @@ def test_cpu_share_follows_memory(aws_behaviour, async_function):
     gb_s = (0.25 * wall[small]) / (1.0 * wall[large])
     print(f"\nCPU-bound work: {wall[small]:.2f} s at 256 MB, {wall[large]:.2f} s at 1024 MB: "
           f"ratio {ratio:.2f} (Lambda: 4.0); GB-s ratio {gb_s:.2f} (Lambda: 1.0)")
-    assert 2.5 < ratio < 6.0
-    assert 0.6 < gb_s < 1.5
+    # Without CPU shares the ratio is about 1. A busy machine squeezes the larger share more
+    # (measured: 4.8 on a quiet machine, 2.5-3.1 while other work ran), hence the margins.
+    assert 2.0 < ratio < 6.0
+    assert 0.5 < gb_s < 1.5
     reports = {name: [r["duration_ms"] for r in invocations(log_events(f"/aws/lambda/{name}"))]
                for name in walls}
     # The REPORT lines show it too (their Duration also holds the interpreter's start).
