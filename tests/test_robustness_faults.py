@@ -122,6 +122,7 @@ class FlakyS3:
             headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP
                        and k.lower() != "expect"}
             headers["Content-Length"] = str(len(body))
+            headers["Host"] = req.headers["Host"]  # signed by the client: keep it
             conn.request(req.command, req.path, body=body, headers=headers)
             response = conn.getresponse()
             payload = response.read()
