@@ -6,6 +6,7 @@ a moto upgrade broke. Each restores what it patched.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -25,6 +26,7 @@ from helpers.local_cloud.moto_adapter import FunctionView
 from pipeline_fixtures import wait_until
 
 REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's default account
 APP = "def lambda_handler(event, context):\n    return event\n"
 
 
@@ -269,3 +271,19 @@ def _make_certificate(control, files):
     finally:
         for name, value in saved.items():
             setattr(control, name, value)
+
+
+def test_keep_s3_objects_on_disk_spills_object_bytes_beyond_the_buffer(aws, monkeypatch):
+    """moto's key buffer honours the setting: a 1 MB object is on disk, not in memory."""
+    from moto.s3.models import s3_backends
+
+    monkeypatch.delenv("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", raising=False)
+    moto_adapter.keep_s3_objects_on_disk(64 * 1024)
+    s3 = _client("s3")
+    s3.create_bucket(Bucket="spill")
+    s3.put_object(Bucket="spill", Key="big", Body=os.urandom(2**20))
+    s3.put_object(Bucket="spill", Key="small", Body=b"x" * 1000)
+    bucket = s3_backends[ACCOUNT]["aws"].buckets["spill"]
+    assert bucket.keys["big"]._value_buffer._rolled  # spilled to a temporary file
+    assert not bucket.keys["small"]._value_buffer._rolled
+    assert s3.get_object(Bucket="spill", Key="big")["ContentLength"] == 2**20

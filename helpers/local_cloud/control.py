@@ -408,6 +408,7 @@ def serve(port: int) -> None:
     aws_behaviour.CURRENT.update(aws_behaviour.environment_settings())
     endpoint = f"https://127.0.0.1:{port}"
     os.environ.setdefault("MOTO_PORT", str(port))
+    moto_adapter.keep_s3_objects_on_disk()  # memory bounded however much a study stores
     executor.install(endpoint, JOURNAL_DIR, CERT_FILE)
     ENVIRONMENTS_FILE.write_text(str(executor.environments_root()))
     moto_adapter.delay_deletions(lambda: aws_behaviour.CURRENT.deletion_delay_s)

@@ -26,6 +26,7 @@ one fails loudly instead of silently falling back to moto's own behaviour:
 from __future__ import annotations
 
 import json
+import os
 import threading
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -229,3 +230,14 @@ def serve(host: str, port: int, app: Callable, *, cert: str, key: str) -> None:
 
     run_simple(host, port, app, threaded=True, ssl_context=(cert, key),
                request_handler=MotoRequestHandler)
+
+
+def keep_s3_objects_on_disk(buffer_bytes: int = 256 * 1024) -> None:
+    """Keep at most ``buffer_bytes`` of each S3 object in the server's memory.
+
+    moto holds each object in a ``SpooledTemporaryFile`` that stays in memory up to
+    ``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE`` bytes (about 5 MB by default), so a study of many
+    runs would grow the server's memory by the size of its data; beyond the buffer the
+    bytes go to an (unlinked) temporary file on disk. Call before the first object is made.
+    """
+    os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(int(buffer_bytes))
