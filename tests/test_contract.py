@@ -11,6 +11,8 @@ from fmri_preproc.contract import (OUTPUTS, input_problem, parse_bids_name, run_
      "sub-01/ses-2/func", "sub-01_ses-2_task-rest_acq-mb_run-3_echo-1"),
     ("siteA/sub-01_task-rest_bold.nii.gz", "siteA/sub-01/func", "sub-01_task-rest"),
     ("siteA/sub-01/func/sub-01_task-rest_bold.nii.gz", "siteA/sub-01/func", "sub-01_task-rest"),
+    # the session folder is kept when the file name leaves the session out
+    ("sub-02/ses-2/func/sub-02_task-rest_bold.nii.gz", "sub-02/ses-2/func", "sub-02_task-rest"),
 ])
 def test_run_folder_and_id_keep_every_entity_and_folder(key, folder, stem):
     run = run_from_key(key)
@@ -19,6 +21,8 @@ def test_run_folder_and_id_keep_every_entity_and_folder(key, folder, stem):
 
 def test_no_two_inputs_share_an_output():
     keys = ["siteA/sub-01_task-rest_bold.nii.gz", "siteB/sub-01_task-rest_bold.nii.gz",
+            "sub-02/ses-1/func/sub-02_task-rest_bold.nii.gz",
+            "sub-02/ses-2/func/sub-02_task-rest_bold.nii.gz",
             *[f"sub-01/ses-{s}/func/sub-01_ses-{s}_task-rest_run-{r}_bold.nii.gz"
               for s in (1, 2) for r in (1, 2)]]
     paths = [run_from_key(k).path(kind) for k in keys for kind in OUTPUTS]
@@ -35,7 +39,7 @@ def test_output_names_are_fmriprep_names():
                                                 "MNI152NLin2009aSym_res-2_desc-preproc_bold.nii.gz")
     assert run.filename("xfm_to_mni") == ("sub-01_ses-1_task-rest_run-1_from-boldref_to-"
                                           "MNI152NLin2009aSym_mode-image_xfm.txt")
-    assert run.path("normalization_figure").startswith("sub-01/figures/")
+    assert run.path("normalization_figure").startswith("sub-01/ses-1/figures/")
     assert run.filename("brain_mask") == "sub-01_ses-1_task-rest_run-1_desc-brain_mask.nii.gz"
 
 
