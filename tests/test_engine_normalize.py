@@ -8,7 +8,18 @@ from scipy import ndimage
 
 from fmri_preproc import InputError, rms_deviation
 from fmri_preproc.contract import TEMPLATE
-from fmri_preproc.normalize import estimate_normalization, load_template, template_coverage
+from fmri_preproc.normalize import (
+    TemplateResampler,
+    estimate_normalization,
+    format_itk_affine,
+    load_template,
+    normalization_figure,
+    parse_itk_affine,
+    read_itk_affine,
+    template_coverage,
+    write_itk_affine,
+)
+from fmri_preproc.png import encode_png, write_png
 from fmri_preproc.transforms import _rotation
 
 BRAIN_CENTRE = np.array([0.0, -18.0, 10.0])  # MNI mm: the sphere for the RMS error
@@ -186,13 +197,204 @@ def test_real_oblique_run_lands_on_the_template_brain():
     img = nib.load(REAL_RUN)
     boldref = np.asarray(img.dataobj[..., img.shape[3] // 2], dtype=np.float32)
     fit = estimate_normalization(boldref, img.affine)
-    tpl = load_template()
-    vox = np.linalg.inv(img.affine) @ fit.matrix @ tpl.affine
-    coords = vox[:3, :3] @ np.indices(tpl.brain.shape).reshape(3, -1) + vox[:3, 3:4]
+    resampler = TemplateResampler(img.affine, fit.matrix)
     epi_mask = compute_epi_mask(nib.Nifti1Image(boldref, img.affine)).get_fdata() > 0
-    carried = ndimage.map_coordinates(epi_mask.astype(float), coords, order=1) > 0.5
-    fov = ndimage.map_coordinates(np.ones(boldref.shape), coords, order=0) > 0
-    carried, brain, fov = (a.reshape(tpl.brain.shape) for a in (carried, tpl.brain, fov))
+    carried = resampler.mask(epi_mask) > 0
+    fov = resampler.mask(np.ones(boldref.shape, dtype=bool)) > 0
+    brain = resampler.brain
     dice = 2 * np.sum(carried & brain & fov) / (np.sum(carried & fov) + np.sum(brain & fov))
     assert dice >= 0.9, dice
     assert 0.8 < fit.coverage < 1.0 and fit.correlation > 0.85
+
+
+# ------------------------------------------------------------------------------------------
+# Resampling into the template grid
+
+RUN_SHAPE = (40, 44, 30)
+RUN_AFFINE = grid_affine(RUN_SHAPE, (3.5, 3.5, 4.0), centre=(5, -10, 20), degrees=(8, -5, 12))
+NORMALIZATION = affine_map((1.05, 0.95, 1.1), (6, -4, 3), (4, -6, 8), (0.02, 0.0, -0.03))
+
+
+def smooth_run_volume(seed=0):
+    """Smooth random texture (about 7 mm blobs): 1000 +- 200."""
+    rng = np.random.default_rng(seed)
+    texture = ndimage.gaussian_filter(rng.standard_normal(RUN_SHAPE), 2.0)
+    return (1000 + 200 * texture / texture.std()).astype(np.float32)
+
+
+def test_resampling_matches_nibabel_on_a_known_affine():
+    """Our grid, voxel order and convention: nibabel resamples the same volume, given an
+    affine that places it in template space (template x at run voxel A^-1 N x)."""
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    volume = smooth_run_volume()
+    resampler = TemplateResampler(RUN_AFFINE, NORMALIZATION)
+    ours = resampler.volume(volume)
+    in_template = nib.Nifti1Image(volume, np.linalg.inv(NORMALIZATION) @ RUN_AFFINE)
+    theirs = resample_from_to(in_template, (resampler.shape, resampler.affine), order=1,
+                              cval=0).get_fdata()
+    computed = ours != 0
+    assert computed.sum() > 100_000
+    interior = ndimage.binary_erosion(theirs != 0, iterations=2)  # away from the FOV edge
+    both = computed & interior
+    assert both.sum() > 50_000
+    assert np.allclose(ours[both], theirs[both], rtol=1e-4, atol=1e-2)
+    # the dilated template brain is covered; far from it nothing is computed
+    assert not ours[:3].any() and resampler.shape == (99, 117, 95)
+
+
+def moved_volume(volume, motion):
+    """Volume after head motion ``motion`` (reference point -> moving point), with scipy."""
+    vox = np.linalg.inv(RUN_AFFINE) @ np.linalg.inv(motion) @ RUN_AFFINE
+    return ndimage.affine_transform(volume, vox[:3, :3], vox[:3, 3], order=3,
+                                    mode="nearest").astype(np.float32)
+
+
+def test_series_composes_motion_and_normalisation():
+    """Each volume, moved by its own motion, lands on the boldref's template image."""
+    from fmri_preproc import params_to_affine
+
+    volume = smooth_run_volume(1)
+    params = [[0, 0, 0, 0, 0, 0], [1.5, -1.0, 0.8, 0.02, -0.015, 0.01],
+              [-2.0, 0.5, 1.2, -0.01, 0.03, -0.02]]
+    motion = np.array([params_to_affine(p, RUN_AFFINE, RUN_SHAPE) for p in params])
+    data = np.stack([moved_volume(volume, m) for m in motion], axis=-1)
+    resampler = TemplateResampler(RUN_AFFINE, NORMALIZATION)
+    reference = resampler.volume(volume)
+    series = list(resampler.series(data, motion))
+    assert len(series) == 3 and all(v.dtype == np.float32 for v in series)
+    core = ndimage.binary_erosion(reference != 0, iterations=4)
+    spread = reference[core].std()
+    for t, out in enumerate(series):
+        assert np.abs(out[core] - reference[core]).mean() < 0.04 * spread, t  # 0.017 seen
+    # without the motion matrix the moved volume does not line up
+    unmoved = resampler.volume(data[..., 2])
+    assert np.abs(unmoved[core] - reference[core]).mean() > 0.15 * spread  # 0.23 seen
+
+
+def test_mask_resampling_agrees_with_nearest_neighbour():
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    # an ellipsoidal "brain" in the run's grid (world mm), off-centre
+    ijk = np.indices(RUN_SHAPE).reshape(3, -1)
+    world = RUN_AFFINE[:3, :3] @ ijk + RUN_AFFINE[:3, 3:4]
+    radii = np.array([[55.0], [65.0], [45.0]])
+    native = (np.sum(((world - [[8.0], [-15.0], [15.0]]) / radii) ** 2, axis=0) < 1)
+    native = native.reshape(RUN_SHAPE)
+    resampler = TemplateResampler(RUN_AFFINE, NORMALIZATION)
+    ours = resampler.mask(native)
+    assert ours.dtype == np.uint8 and set(np.unique(ours)) <= {0, 1}
+    in_template = nib.Nifti1Image(native.astype(np.uint8), np.linalg.inv(NORMALIZATION) @ RUN_AFFINE)
+    nearest = resample_from_to(in_template, (resampler.shape, resampler.affine), order=0,
+                               cval=0).get_fdata() > 0
+    region = ndimage.binary_dilation(resampler.brain, iterations=4)
+    a, b = ours.astype(bool) & region, nearest & region
+    assert 2 * np.sum(a & b) / (a.sum() + b.sum()) > 0.98
+
+
+def test_resampler_refuses_bad_shapes():
+    resampler = TemplateResampler(RUN_AFFINE, NORMALIZATION)
+    with pytest.raises(ValueError, match="3D"):
+        resampler.volume(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="one motion matrix per volume"):
+        list(resampler.series(np.zeros((*RUN_SHAPE, 3)), np.tile(np.eye(4), (2, 1, 1))))
+
+
+# ------------------------------------------------------------------------------------------
+# ITK transform files
+
+
+def test_itk_round_trip_is_exact(tmp_path):
+    path = write_itk_affine(tmp_path / "xfm.txt", NORMALIZATION)
+    text = path.read_text()
+    assert text.splitlines()[:3] == ["#Insight Transform File V1.0", "#Transform 0",
+                                     "Transform: AffineTransform_double_3_3"]
+    assert np.array_equal(read_itk_affine(path), NORMALIZATION)
+
+
+def test_itk_file_is_lps_template_to_boldref(tmp_path):
+    """The stored numbers are the LPS form of the map, and nitransforms (the NiPreps reader
+    fMRIPrep uses) reads the same RAS map back."""
+    from nitransforms import linear
+
+    path = write_itk_affine(tmp_path / "xfm.txt", NORMALIZATION)
+    numbers = np.array(path.read_text().splitlines()[3].split()[1:], dtype=float)
+    flip = np.diag([-1, -1, 1, 1.0])
+    lps = flip @ NORMALIZATION @ flip
+    assert np.allclose(numbers[:9], lps[:3, :3].ravel()) and np.allclose(numbers[9:], lps[:3, 3])
+    assert np.allclose(linear.load(path, fmt="itk").matrix, NORMALIZATION, atol=1e-5)
+
+
+def test_itk_centre_is_honoured():
+    """ITK's y = A (x - c) + c + T: a file with a centre gives the same map as one without."""
+    lin = np.array([[1.1, 0.1, 0.0], [0.0, 0.9, 0.2], [0.05, 0.0, 1.0]])
+    centre, trans = np.array([10.0, -20.0, 30.0]), np.array([1.0, 2.0, 3.0])
+    text = ("#Insight Transform File V1.0\n#Transform 0\n"
+            "Transform: MatrixOffsetTransformBase_float_3_3\n"
+            f"Parameters: {' '.join(map(str, [*lin.ravel(), *trans]))}\n"
+            f"FixedParameters: {' '.join(map(str, centre))}\n")
+    matrix = parse_itk_affine(text)
+    flip = np.diag([-1, -1, 1, 1.0])
+    x = np.array([12.0, -7.0, 44.0])  # a point in LPS
+    expected = lin @ (x - centre) + centre + trans
+    assert np.allclose((flip @ matrix @ flip)[:3] @ [*x, 1], expected)
+    assert np.allclose(parse_itk_affine(format_itk_affine(matrix)), matrix)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("hello\n", "not an ITK"),
+    ("#Insight Transform File V1.0\nTransform: BSplineTransform_double_3_3\n", "not a 3-D affine"),
+    ("#Insight Transform File V1.0\nTransform: AffineTransform_double_3_3\nParameters: 1 0 0\n"
+     "FixedParameters: 0 0 0\n", "12 Parameters"),
+    ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+     "Parameters: 1 0 0 0 1 0 0 0 1 0 0 0\nFixedParameters: 0 0 0\n#Transform 1\n"
+     "Transform: AffineTransform_double_3_3\n", "more than one"),
+])
+def test_bad_itk_files_are_refused(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_itk_affine(text)
+
+
+# ------------------------------------------------------------------------------------------
+# PNG and the QC figure
+
+
+def test_png_decodes_to_the_same_pixels(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, size=(20, 11), dtype=np.uint8)
+    for image in (rgb, grey):
+        path = write_png(tmp_path / "x.png", image)
+        with Image.open(path) as decoded:
+            assert decoded.mode == ("RGB" if image.ndim == 3 else "L")
+            assert np.array_equal(np.asarray(decoded), image)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(rgb.astype(np.float32))
+
+
+def test_normalization_figure_is_a_legible_png(tmp_path):
+    from PIL import Image
+
+    tpl = load_template()
+    image = np.zeros(tpl.grid_shape, dtype=np.float32)
+    image[tpl.crop] = 1000 * tpl.gm + 700 * tpl.wm  # a "normalised EPI" that fits
+    picture = normalization_figure(image, n_slices=5, zoom=3)
+    nx, ny, nz = tpl.gm.shape
+    gap = 6
+    # rows: sagittal (z by y), coronal (z by x), axial (y by x), 5 slices each
+    assert picture.shape == (3 * (nz + nz + ny) + 2 * gap, 5 * 3 * ny + 4 * gap, 3)
+    path = write_png(tmp_path / "figure.png", picture)
+    with Image.open(path) as decoded:
+        assert decoded.size == (picture.shape[1], picture.shape[0])
+        pixels = np.asarray(decoded)
+    red = np.all(pixels == [255, 70, 50], axis=2)
+    blue = np.all(pixels == [60, 170, 255], axis=2)
+    assert red.sum() > 2000 and blue.sum() > 2000  # both outlines drawn
+    grey = pixels[..., 0] == pixels[..., 1]
+    assert np.mean(pixels[grey & (pixels[..., 0] > 0)]) > 60  # the image shows through
+    with pytest.raises(ValueError, match="template grid"):
+        normalization_figure(np.zeros((10, 10, 10)))
