@@ -323,9 +323,10 @@ class _ImageLevel:
     def sample(self, world: np.ndarray, with_gradient: bool = True):
         """Values (N,), world gradients (3, N) or None, inside mask at world points (3, N)."""
         vox = (self.inv_affine[:3, :3] @ world + self.inv_affine[:3, 3:4]).astype(np.float32)
-        values, inside = _trilinear(self.flats[0], self.shape, vox)
         if not with_gradient:
+            values, inside = _trilinear(self.flats[0], self.shape, vox)
             return values, None, inside
+        values, inside = _trilinear(self.flats[0], self.shape, vox)
         grads = np.stack([_trilinear(f, self.shape, vox)[0] for f in self.flats[1:]])
         return values, grads, inside
 
@@ -356,12 +357,15 @@ def _normalised_cost(res: np.ndarray, values: np.ndarray, weights: np.ndarray) -
     return float(w @ res**2) / (var + 1e-30)
 
 
-def _fit_intensities(basis: np.ndarray, values: np.ndarray, weights=None) -> np.ndarray:
-    """Least-squares tissue coefficients of the intensity model."""
-    if weights is not None:
-        sw = np.sqrt(weights)
-        return np.linalg.lstsq(basis * sw[:, None], values * sw, rcond=None)[0]
-    return np.linalg.lstsq(basis, values, rcond=None)[0]
+def _fit_intensities(basis: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Least-squares tissue coefficients of the intensity model (normal equations).
+
+    A tissue absent from the points (e.g. no CSF in view) gives a zero column: a tiny
+    ridge keeps the system solvable and its coefficient near 0.
+    """
+    gram = basis.T @ basis
+    gram[np.diag_indices_from(gram)] += 1e-9 * (np.trace(gram) / len(gram) + 1e-30)
+    return np.linalg.solve(gram, basis.T @ values)
 
 
 def _to_params(matrix: np.ndarray, centre: np.ndarray) -> np.ndarray:
