@@ -1,5 +1,6 @@
 """Normalisation to MNI: known affine maps recovered, bad inputs refused, the asset rebuilt."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,9 @@ def test_recovers_known_affine(mni_epi, name):
     assert error < 0.75, f"{name}: {error:.2f} mm"
     assert fit.correlation > 0.95
     assert abs(fit.coverage - template_coverage(truth, affine, shape)) < 0.02
+    record = json.loads(json.dumps(fit.to_dict()))  # sidecar-ready
+    assert record["Template"] == TEMPLATE and np.allclose(record["MatrixTemplateToBoldref"],
+                                                         fit.matrix, atol=1e-7)
     if name == "far-partial":
         assert fit.coverage < 0.97  # the slab really misses part of the brain
         assert rms_deviation(fit.initial_matrix, truth, centre=BRAIN_CENTRE) > 2

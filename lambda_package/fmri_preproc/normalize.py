@@ -233,6 +233,23 @@ class Normalization:
     initial_matrix: np.ndarray
     n_iterations: int
 
+    def to_dict(self) -> dict:
+        """JSON-serialisable description for a sidecar (method, template, fit quality)."""
+        return {
+            "Method": "12-parameter affine; least squares of the EPI against the template's "
+                      "tissue maps with per-tissue intensities fitted (cost 1 - R^2, a "
+                      "correlation ratio), robust weights, Gauss-Newton / Levenberg-"
+                      "Marquardt, coarse to fine (12, 8, 5 mm); numpy",
+            "Template": TEMPLATE,
+            "Resolution_mm": 2,
+            "MatrixTemplateToBoldref": np.round(self.matrix, 8).tolist(),
+            "MatrixConvention": "template point (MNI mm, RAS) -> boldref world point (mm, "
+                                "RAS); the ITK file holds it in LPS",
+            "Coverage": round(float(self.coverage), 4),
+            "Correlation": round(float(self.correlation), 4),
+            "Iterations": int(self.n_iterations),
+        }
+
 
 @dataclass(frozen=True)
 class _LevelSpec:
@@ -622,7 +639,9 @@ def estimate_normalization(boldref: np.ndarray, affine: np.ndarray, *,
     12 parameters; the cost is ``1 - R^2`` of a tissue-mixture model of the EPI's
     intensities (a correlation ratio with soft tissue classes), robustly weighted;
     Gauss-Newton with Levenberg-Marquardt damping, coarse to fine (12, 8, 5 mm FWHM).
-    About 1 s for a 64 x 64 x 32 boldref on one core (``bench/bench_normalization.py``).
+    About 1 s (CPU) for a 64 x 64 x 32 boldref on one core, 0.16x the time of
+    :func:`fmri_preproc.estimate_motion` on a 150-volume run; 0.31 mm mean, 0.43 mm worst
+    error on 10 simulated heads; Dice 0.94 on a real run (``bench/RESULTS_normalization.md``).
 
     References
     ----------
@@ -736,6 +755,8 @@ class TemplateResampler:
 
     Notes
     -----
+    Cost (``bench/RESULTS_normalization.md``): about 5-6 s of CPU for 150 volumes (311,000
+    voxels each, about the time of motion estimation), one output volume (4.4 MB) at a time.
     Volume ``t`` with motion matrix ``M_t`` (reference point -> moving point, as from
     :func:`fmri_preproc.estimate_motion`) is sampled at ``A^-1 M_t N x`` for template
     point ``x``: motion and normalisation are composed, so each volume is interpolated
