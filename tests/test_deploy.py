@@ -33,6 +33,9 @@ def test_local_zip_holds_code_and_dependencies(local_zip):
     names = zipfile.ZipFile(local_zip.path).namelist()
     assert "handler.py" in names
     assert "fmri_preproc/__init__.py" in names and "fmri_preproc/contract.py" in names
+    # the MNI template asset that fmri_preproc.normalize reads at run time
+    assert "fmri_preproc/data/tpl-MNI152NLin2009aSym_res-2_desc-tissues_probseg.nii.gz" in names
+    assert "fmri_preproc/data/tpl-MNI152NLin2009aSym_res-2_desc-tissues_probseg.json" in names
     assert any(n.startswith("numpy/") for n in names)
     assert any(n.startswith("nibabel/") for n in names)
     assert not any(n.startswith(("scipy/", "boto3/", "nilearn/")) for n in names)

@@ -101,7 +101,7 @@ def build_lambda_zip(*, runtime: str | None = None, for_aws: bool = False,
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     shutil.copy2(LAMBDA_SOURCE / "handler.py", stage)
     shutil.copytree(LAMBDA_SOURCE / "fmri_preproc", stage / "fmri_preproc",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build_*.py"))
     path = out_dir / f"function-{runtime}{'-aws' if for_aws else ''}.zip"
     unzipped = _write_zip(stage, path)
     return LambdaZip(path, runtime, path.stat().st_size / 2**20, unzipped / 2**20)
