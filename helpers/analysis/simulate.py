@@ -172,8 +172,8 @@ class NoiseModel:
     """
 
     thermal: float = 1.0
-    cardiac: float = 0.8
-    respiratory: float = 0.6
+    cardiac: float = 1.2
+    respiratory: float = 0.8
     global_signal: float = 0.5
     tissue: tuple = (0.5, 0.3, 1.2)
     drift: float = 1.0
