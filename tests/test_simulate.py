@@ -223,7 +223,7 @@ def test_still_run_equals_its_twin_and_moving_run_does_not(run):
     diff = _data(run.img) - _data(run.nomotion_img)
     mask = np.asarray(run.brain_mask_img.dataobj) > 0
     ref = run.reference
-    assert np.abs(diff[mask][:, ref]).mean() < 0.2 * np.abs(diff[mask]).mean()
+    assert np.abs(diff[mask][:, ref]).mean() < 0.3 * np.abs(diff[mask]).mean()
 
 
 def test_coil_sensitivity_stays_fixed_in_the_scanner(design):

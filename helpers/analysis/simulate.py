@@ -65,7 +65,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -1204,7 +1203,13 @@ def _acquire(head: _Head, scan: _Scan, motion: Motion, maps: np.ndarray,
     f = scan.factor
     out_shape = scan.shape
     fine = _FineGrid(head, scan)
+    # Tissue is continuous: each voxel's excitation is decided at a random point of its
+    # thickness, so the share of tissue that crosses a slice boundary grows smoothly with
+    # through-plane motion instead of jumping when voxel centres cross.
+    thickness = abs(head.affine[2, 2])
+    depth = rng.uniform(-0.5, 0.5, len(head.xyz)) * thickness
     xyz1 = np.concatenate([head.xyz, np.ones((len(head.xyz), 1), np.float32)], 1)
+    xyz1[:, 2] += depth
     rest = xyz1 @ _slab_coefficients(scan, np.eye(4)[None])[0]
     home = np.clip(np.rint(rest), 0, n_slices - 1).astype(np.intp)
     blocks = np.searchsorted(home, np.arange(n_slices + 1))
