@@ -417,6 +417,17 @@ def replace_subjects(config, n):
     return replace(config, n_subjects=n)
 
 
+def test_same_seed_writes_the_same_files(tmp_path):
+    config = simulate.study_config("realistic", n_subjects=1, shape=(20, 20, 12), n_volumes=12)
+    for name in ("a", "b"):
+        simulate.simulate_study(tmp_path / name, config, seed=4, n_jobs=1)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*")
+                   if p.is_file())
+    assert len(files) > 15
+    for path in files:
+        assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes(), path
+
+
 def test_a_folder_of_someone_elses_files_is_not_replaced(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "my_scan.nii.gz").write_bytes(b"precious")

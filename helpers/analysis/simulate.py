@@ -490,8 +490,8 @@ def _world(affine: np.ndarray, shape) -> np.ndarray:
 def _coil_sensitivity(xyz: np.ndarray) -> np.ndarray:
     """Receive-coil sensitivity of a 32-channel-like head array at scanner points (mm).
 
-    Brighter near the coil elements (the head's periphery, about +30 % at the cortex
-    against the centre), a little brighter at the back and the top. It is a property of
+    Brighter near the coil elements: about 35 % brighter at the cortex than at the
+    centre of the head, a little brighter at the back and the top. It is a property of
     the scanner: fixed in scanner space, whatever the head does.
     """
     centre = _FOV_CENTRE
