@@ -1,146 +1,329 @@
-"""The Lambda function: preprocess each uploaded fMRI run and write the results to S3.
+"""The Lambda function: preprocess each uploaded BOLD run and write BIDS derivatives to S3.
 
-S3 calls ``lambda_handler`` asynchronously for every object created under the input prefix
-with the input suffix. For each record the function downloads the run to /tmp, runs the
-engine (:mod:`fmri_preproc`: motion correction, smoothing, confounds), uploads the outputs
-under the output prefix, and writes a completion marker ``<name>_done.json`` **last**, so a
-reader who sees the marker sees a complete set. A run that cannot be processed gets a
-readable ``<name>_error.json`` in the same place instead, and the function returns normally:
-retrying a bad file cannot help. Inputs are never modified.
+S3 calls :func:`lambda_handler` asynchronously for every ``*_bold.nii.gz`` created under the
+input prefix. For each record the function downloads **the exact object version the event
+names** (``IfMatch`` its ETag), reads the run's BIDS sidecar, runs the engine
+(:mod:`fmri_preproc`), uploads the outputs to ``<output prefix><run folder>/`` with
+fMRIPrep's names, and writes the completion marker ``<run>_done.json`` **last**: a reader who
+sees the marker sees a complete set. A run that fails gets ``<run>_error.json`` (what went
+wrong, the likely cause, what to do). Names come from :mod:`fmri_preproc.contract`.
 
-Output keys depend only on the input's name, so a repeated event or upload rewrites the
-same objects: the same result, no duplicates. The execution role may only *write* the output
-prefix (no read, list or delete), so the newer of ``_done.json`` and ``_error.json`` is
-the input's current state.
+- **One current state per input.** A success removes the run's old error record; a failure
+  removes its old marker and outputs, which no longer describe the input.
+- **The latest upload wins.** Before every write the function checks that the input is still
+  the version it was triggered for; if a newer upload replaced it, this run stops without
+  writing (log event ``superseded``): the newer upload's own run writes the outputs.
+- **Permanent or transient** (:func:`classify`, the one place that decides): bad inputs, a
+  missing object, an archived object and names too long are permanent (a record, no retry);
+  S3 outages and throttling are transient (a record marked ``permanent: false``, then the
+  exception, so that Lambda retries the event).
 
-Environment variables (set by notebook 02): ``OUTPUT_BUCKET``, ``OUTPUT_PREFIX``,
-``INPUT_PREFIX``, ``INPUT_SUFFIX``, ``FWHM_MM``, ``MAX_INPUT_MB``.
+Configuration comes from environment variables only (set from one source,
+``helpers.cloud.deploy.function_configuration``); the function refuses to start without them.
+Inputs are never modified.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
 import boto3
-from botocore.config import Config
+from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 import fmri_preproc
+from fmri_preproc.contract import (BIDSIGNORE, DATASET_DESCRIPTION, OUTPUTS, LogEvent, Record,
+                                   Run, derivatives_description, input_problem, run_from_key)
 
 # Standard retry mode: transient S3 errors (5xx, throttling) are retried up to 5 times
 # (6 attempts) with jittered exponential backoff.
-s3 = boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+s3 = boto3.client("s3", config=BotoConfig(retries={"max_attempts": 5, "mode": "standard"}))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The function's settings, from its environment variables."""
+
+    output_bucket: str
+    output_prefix: str
+    input_prefix: str
+    fwhm_mm: float
+    max_input_mb: float
+
+    VARIABLES = ("OUTPUT_BUCKET", "OUTPUT_PREFIX", "INPUT_PREFIX", "FWHM_MM", "MAX_INPUT_MB")
+
+    @classmethod
+    def from_environment(cls, env=os.environ) -> "Config":
+        """Read the settings; raise RuntimeError naming every missing (or empty) variable.
+
+        None may be empty: an empty INPUT_PREFIX would accept any key in the bucket.
+        """
+        missing = [name for name in cls.VARIABLES if not env.get(name, "").strip()]
+        if missing:
+            raise RuntimeError(
+                f"The function is missing environment variable(s) {', '.join(missing)}. "
+                "Deploy it with helpers.cloud.deploy.function_configuration (notebook 02), "
+                "which sets them all.")
+        return cls(output_bucket=env["OUTPUT_BUCKET"], output_prefix=env["OUTPUT_PREFIX"],
+                   input_prefix=env["INPUT_PREFIX"], fwhm_mm=float(env["FWHM_MM"]),
+                   max_input_mb=float(env["MAX_INPUT_MB"]))
+
+
+CONFIG = Config.from_environment()  # at import: a misconfigured function never starts
+
+
+@dataclass
+class S3Object:
+    """One record of an S3 event: the object version the event is about."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str | None
+    version_id: str | None
+    last_modified: str | None = None  # once read: identifies the upload with the ETag
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+class Superseded(Exception):
+    """A newer upload replaced the input while this run was processing it."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a failed run is recorded: the three things a person needs, and whether to retry."""
+
+    permanent: bool
+    what: str
+    cause: str
+    action: str
 
 
 def lambda_handler(event: dict, context: Any) -> dict:
     """Process every S3 record in the event; return one status per record."""
-    return {"results": [process_object(bucket, key, size) for bucket, key, size in
-                        s3_records(event)]}
+    return {"results": [process_object(obj) for obj in s3_records(event)]}
 
 
-def s3_records(event: dict) -> list[tuple[str, str, int]]:
-    """(bucket, key, size) of each record. S3 URL-encodes keys in events: decode once, here."""
-    return [(r["s3"]["bucket"]["name"], unquote_plus(r["s3"]["object"]["key"]),
-             int(r["s3"]["object"].get("size", 0))) for r in event.get("Records", [])]
+def s3_records(event: dict) -> list[S3Object]:
+    """The objects of an S3 event. S3 URL-encodes keys in events: decoded once, here.
+
+    ``eTag`` is always present; ``versionId`` only when the bucket has versioning on.
+    """
+    objects = []
+    for record in event.get("Records", []):
+        s3_part = record["s3"]
+        obj = s3_part["object"]
+        objects.append(S3Object(s3_part["bucket"]["name"], unquote_plus(obj["key"]),
+                                int(obj.get("size", 0)), _etag(obj.get("eTag")),
+                                obj.get("versionId") or None))
+    return objects
 
 
-def process_object(bucket: str, key: str, size: int) -> dict:
+def process_object(obj: S3Object) -> dict:
     """Preprocess one run; write its outputs and marker, or its error record."""
-    cfg = _config()
-    name = fmri_preproc.output_name(key)
-    base = f"{cfg['output_prefix']}{name}"
-    _log("start", bucket=bucket, key=key, size=size)
-    if not (key.startswith(cfg["input_prefix"]) and key.endswith(cfg["input_suffix"])):
-        _log("skipped: outside the trigger's prefix/suffix", key=key)
-        return {"key": key, "status": "skipped"}
+    relative = obj.key.removeprefix(CONFIG.input_prefix)
+    problem = input_problem(obj.key) if obj.key.startswith(CONFIG.input_prefix) else \
+        f"{obj.key} is outside the input prefix {CONFIG.input_prefix}"
+    if problem:
+        _log(LogEvent.SKIPPED, key=obj.key, reason=problem)
+        return {"key": obj.key, "status": "skipped", "reason": problem}
+    run = run_from_key(relative)
+    _log(LogEvent.START, key=obj.key, run=run.id, etag=obj.etag, size=obj.size)
     started = time.time()
     try:
-        summary = _preprocess(bucket, key, size, base, cfg)
-    except fmri_preproc.InputError as exc:
-        _record_error(cfg["output_bucket"], base, bucket, key, exc, started)
-        return {"key": key, "status": "failed", "reason": str(exc)}
-    except Exception as exc:  # unexpected: record it, then let Lambda retry and report
-        _record_error(cfg["output_bucket"], base, bucket, key, exc, started)
-        raise
-    marker = {"source": f"s3://{bucket}/{key}", "finished": _utc_now(),
-              "duration_s": round(time.time() - started, 3), **summary}
-    _put_json(cfg["output_bucket"], f"{base}_done.json", marker)
-    _log("done", key=key, **summary)
-    return {"key": key, "status": "processed"}
+        result = _preprocess(obj, run)
+    except Superseded:
+        _log(LogEvent.SUPERSEDED, key=obj.key, etag=obj.etag)
+        return {"key": obj.key, "status": "superseded"}
+    except Exception as exc:
+        failure = classify(exc)
+        _record_error(obj, run, exc, failure, started)
+        if failure.permanent:
+            return {"key": obj.key, "status": "failed", "reason": failure.what}
+        raise  # transient: Lambda retries the event, then sends it to the failure queue
+    marker = {**_source(obj), Record.FINISHED: _utc_now(),
+              Record.DURATION_S: round(time.time() - started, 3),
+              Record.WARNINGS: result.summary.get("warnings", []), **result.summary}
+    _put_current(obj, _key(run.done), json.dumps(marker, indent=2).encode())
+    _delete(_key(run.error))
+    _log(LogEvent.DONE, key=obj.key, run=run.id, **result.summary)
+    return {"key": obj.key, "status": "processed"}
 
 
-def _preprocess(bucket: str, key: str, size: int, base: str, cfg: dict) -> dict:
-    """Download, check, run the engine and upload the outputs (marker not yet written)."""
-    if size > cfg["max_input_mb"] * 2**20:
+def _preprocess(obj: S3Object, run: Run):
+    """Download the pinned version, run the engine, upload the outputs (no marker yet)."""
+    if obj.size > CONFIG.max_input_mb * 2**20:
         raise fmri_preproc.InputError(
-            f"{Path(key).name} is {size / 2**20:.1f} MB, over this function's limit of "
-            f"{cfg['max_input_mb']:g} MB (MAX_INPUT_MB).",
+            f"{Path(obj.key).name} is {obj.size / 2**20:.1f} MB, over this function's limit "
+            f"of {CONFIG.max_input_mb:g} MB (MAX_INPUT_MB).",
             cause="The run is larger than the function is sized for.",
             action="Split the run, or raise MAX_INPUT_MB and the function's memory together.")
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / Path(key).name
-        s3.download_file(bucket, key, str(local))
-        fmri_preproc.check_input(local, max_bytes=cfg["max_input_mb"] * 2**20)
-        outputs = fmri_preproc.preprocess(local, Path(tmp) / "out", fwhm=cfg["fwhm_mm"])
+        # Fixed local names, whatever the key: a long key never makes a name too long for
+        # /tmp. Outputs are uploaded by kind, under the run's own names.
+        local = Path(tmp) / "input_bold.nii.gz"
+        _download_pinned(obj, local)
+        result = fmri_preproc.preprocess(local, Path(tmp) / "out", fwhm=CONFIG.fwhm_mm,
+                                         max_bytes=int(CONFIG.max_input_mb * 2**20))
         local.unlink()  # free /tmp before uploading
-        for kind in ("bold", "confounds", "sidecar"):
-            path = Path(outputs[kind])
-            s3.upload_file(str(path), cfg["output_bucket"], f"{cfg['output_prefix']}{path.name}")
-    return {k: v for k, v in outputs.items() if k not in ("bold", "confounds", "sidecar")}
+        _write_dataset_files(obj)
+        for kind, path in result.outputs.items():
+            _upload_current(obj, path, _key(run.path(kind)))
+        for kind in OUTPUTS.keys() - result.outputs.keys():  # from an earlier configuration
+            _delete(_key(run.path(kind)))
+    return result
 
 
-def _record_error(out_bucket: str, base: str, bucket: str, key: str, exc: Exception,
+def classify(exc: BaseException) -> Failure:
+    """Permanent (a clear record, no retry) or transient (retried), with what/cause/action.
+
+    The one place that decides. Permanent: bad inputs (:class:`fmri_preproc.InputError`), an
+    input deleted or replaced before it could be read (404, 412), an archived object
+    (``InvalidObjectState``), a missing permission, names too long for the file system, and
+    running out of memory. Everything else from S3 (5xx, throttling, timeouts) is transient.
+    """
+    if isinstance(exc, fmri_preproc.InputError):
+        return Failure(True, exc.message, exc.cause, exc.action)
+    code = _error_code(exc)
+    if code in ("404", "NoSuchKey", "NotFound", "NoSuchVersion"):
+        return Failure(True, f"The input is gone: {exc}", "It was deleted (or overwritten) "
+                       "right after the upload, before the function could read it.",
+                       "Upload the run again.")
+    if code in ("412", "PreconditionFailed"):
+        return Failure(True, f"The input changed while it was being read: {exc}",
+                       "A newer upload replaced it; that upload is processed on its own.",
+                       "Nothing: wait for the newer upload's result.")
+    if code == "InvalidObjectState":
+        return Failure(True, f"The input is archived: {exc}", "The object is in an archive "
+                       "storage class (Glacier / Deep Archive) and cannot be read directly.",
+                       "Restore it (restore_object) or copy it to S3 Standard, then upload "
+                       "it again.")
+    if code in ("403", "AccessDenied", "AllAccessDisabled"):
+        return Failure(True, f"Access denied: {exc}", "The function's role may not read the "
+                       "input or write the output (its policy, or a bucket policy).",
+                       "Check the role's policy (notebook 01) and the buckets' policies.")
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return Failure(True, f"A name is too long: {exc}", "The key's file name is longer "
+                       "than the file system allows (255 bytes).",
+                       "Upload the run under a shorter name.")
+    if isinstance(exc, MemoryError):
+        return Failure(True, "The run did not fit in the function's memory.",
+                       "The function's MemorySize is too small for this run.",
+                       "Raise the function's memory (notebook 02) and upload the run again.")
+    if isinstance(exc, (BotoCoreError, ClientError)):
+        return Failure(False, str(exc), "S3 kept failing after several retries (an outage or "
+                       "throttling).", "Nothing at first: Lambda retries the event. If the run "
+                       "stays failed, upload it again.")
+    return Failure(False, f"{type(exc).__name__}: {exc}", "An unexpected error in the function.",
+                   "See the function's log for the traceback; Lambda retries the event.")
+
+
+def _error_code(exc: BaseException) -> str | None:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code"))
+    return None
+
+
+def _record_error(obj: S3Object, run: Run, exc: Exception, failure: Failure,
                   started: float) -> None:
-    """Write ``<name>_error.json`` (what went wrong, likely cause, what to do) and log it."""
-    permanent = isinstance(exc, fmri_preproc.InputError)
-    what, cause, action = _explain(exc)
-    record = {
-        "source": f"s3://{bucket}/{key}",
-        "error": what,
-        "error_type": type(exc).__name__,
-        "cause": cause,
-        "action": action,
-        "permanent": permanent,
-        "finished": _utc_now(),
-        "duration_s": round(time.time() - started, 3),
-    }
-    _log("failed", level="ERROR", key=key, error=what, permanent=permanent)
+    """Write ``<run>_error.json`` and remove the older result it replaces; log it."""
+    record = {**_source(obj), Record.ERROR: failure.what,
+              Record.ERROR_TYPE: type(exc).__name__, Record.CAUSE: failure.cause,
+              Record.ACTION: failure.action, Record.PERMANENT: failure.permanent,
+              Record.FINISHED: _utc_now(), Record.DURATION_S: round(time.time() - started, 3)}
+    _log(LogEvent.FAILED, level="ERROR", key=obj.key, error=failure.what,
+         permanent=failure.permanent)
     try:
-        _put_json(out_bucket, f"{base}_error.json", record)
+        if failure.permanent:  # it deletes the old result: only for the latest upload
+            _still_current(obj)
+        s3.put_object(Bucket=CONFIG.output_bucket, Key=_key(run.error),
+                      Body=json.dumps(record, indent=2).encode(), ContentType="application/json")
+        if failure.permanent:
+            for target in [run.done, *(run.path(kind) for kind in OUTPUTS)]:
+                _delete(_key(target))  # the old result no longer describes the input
+    except Superseded:
+        _log(LogEvent.SUPERSEDED, key=obj.key, etag=obj.etag)
     except Exception as write_exc:  # S3 itself failing: the log line above still tells
         _log("could not write the error record", level="ERROR", error=str(write_exc))
 
 
-def _explain(exc: Exception) -> tuple[str, str, str]:
-    """(what went wrong, the likely cause, what to do) for an error record."""
-    if isinstance(exc, fmri_preproc.InputError):
-        return exc.message, exc.cause, exc.action
-    if isinstance(exc, (BotoCoreError, ClientError)):  # after the SDK's own retries
-        return (str(exc), "S3 kept failing after several retries (an outage, throttling, "
-                "or a missing permission).", "Nothing at first: Lambda retries the event. "
-                "If the run stays failed, check the role's permissions and upload it again.")
-    return (f"{type(exc).__name__}: {exc}", "An unexpected error in the function.",
-            "See the function's log for the traceback.")
+def _write_dataset_files(obj: S3Object) -> None:
+    """The derivatives dataset's own files (the same bytes every time: idempotent)."""
+    description = derivatives_description(fmri_preproc.__version__,
+                                          source_url=f"s3://{obj.bucket}/{CONFIG.input_prefix}")
+    s3.put_object(Bucket=CONFIG.output_bucket, Key=_key(DATASET_DESCRIPTION),
+                  Body=json.dumps(description, indent=2).encode(),
+                  ContentType="application/json")
+    name, content = BIDSIGNORE
+    s3.put_object(Bucket=CONFIG.output_bucket, Key=_key(name), Body=content.encode())
 
 
-def _put_json(bucket: str, key: str, body: dict) -> None:
-    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(body, indent=2).encode(),
+def _download_pinned(obj: S3Object, path: Path) -> None:
+    """Stream the event's own version of the object to ``path`` (412 if it was replaced)."""
+    pinned = {"IfMatch": f'"{obj.etag}"'} if obj.etag else {}
+    if obj.version_id:
+        pinned["VersionId"] = obj.version_id
+    response = s3.get_object(Bucket=obj.bucket, Key=obj.key, **pinned)
+    obj.last_modified = response["LastModified"].isoformat()
+    with open(path, "wb") as out:
+        for chunk in response["Body"].iter_chunks(8 * 2**20):
+            out.write(chunk)
+
+
+def _etag(value: str | None) -> str | None:
+    """An ETag without quotes (events omit them, HeadObject includes them)."""
+    return value.strip('"') if value else None
+
+
+def _still_current(obj: S3Object) -> None:
+    """Raise :class:`Superseded` if the input is no longer the version this run processes."""
+    if not obj.etag:
+        return
+    try:
+        head = s3.head_object(Bucket=obj.bucket, Key=obj.key)
+    except ClientError as exc:
+        if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return  # deleted since, not replaced: this run's record is the latest word
+        raise
+    same = (head.get("VersionId") == obj.version_id) if obj.version_id else \
+        (_etag(head.get("ETag")) == obj.etag)
+    if not same:
+        raise Superseded()
+
+
+def _upload_current(obj: S3Object, path: Path, key: str) -> None:
+    _still_current(obj)
+    s3.upload_file(str(path), CONFIG.output_bucket, key)
+
+
+def _put_current(obj: S3Object, key: str, body: bytes) -> None:
+    _still_current(obj)
+    s3.put_object(Bucket=CONFIG.output_bucket, Key=key, Body=body,
                   ContentType="application/json")
 
 
-def _config() -> dict:
-    env = os.environ
-    return {"output_bucket": env["OUTPUT_BUCKET"],
-            "output_prefix": env.get("OUTPUT_PREFIX", "derivatives/"),
-            "input_prefix": env.get("INPUT_PREFIX", ""),
-            "input_suffix": env.get("INPUT_SUFFIX", ""),
-            "fwhm_mm": float(env.get("FWHM_MM", "6")),
-            "max_input_mb": float(env.get("MAX_INPUT_MB", "200"))}
+def _delete(key: str) -> None:
+    """Delete an output object (S3 answers success when it does not exist)."""
+    s3.delete_object(Bucket=CONFIG.output_bucket, Key=key)
+
+
+def _key(relative: str) -> str:
+    return f"{CONFIG.output_prefix}{relative}"
+
+
+def _source(obj: S3Object) -> dict:
+    return {Record.SOURCE: obj.url, Record.ETAG: obj.etag, Record.VERSION_ID: obj.version_id,
+            Record.INPUT_LAST_MODIFIED: obj.last_modified}
 
 
 def _log(message: str, level: str = "INFO", **fields: Any) -> None:
@@ -149,4 +332,5 @@ def _log(message: str, level: str = "INFO", **fields: Any) -> None:
 
 
 def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"

@@ -10,26 +10,29 @@ from __future__ import annotations
 import gzip
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote_plus, unquote_plus
 
 import nibabel as nib
 import numpy as np
 
-from fmri_preproc import output_name
+from fmri_preproc.contract import run_from_key
 from helpers.cloud.clients import client
-from helpers.cloud.deploy import build_lambda_zip
+from helpers.cloud.deploy import (FunctionSpec, build_lambda_zip, event_invoke_configuration,
+                                  function_configuration, invoke_permission,
+                                  notification_configuration)
 from helpers.cloud.iam import execution_policy, lambda_trust_policy
 from helpers.cloud.logs import invocations, log_events
-from helpers.cloud.settings import BUILD_DIR, Settings
+from helpers.cloud.settings import Settings
 from helpers.cloud.status import processing_status
 from phantom import moving_blobs
 
 SHAPE = (16, 16, 8)
 N_VOLUMES = 20
 VOXEL_MM = (3.5, 3.5, 4.0)
-OUTPUT_KINDS = ("_desc-preproc_bold.nii.gz", "_desc-confounds_timeseries.tsv",
-                "_desc-preproc_bold.json")
+#: What a complete result of the deployed function holds (FunctionSpec smooths by default).
+OUTPUT_KINDS = ("preproc_bold", "preproc_json", "smoothed_bold", "smoothed_json", "boldref",
+                "brain_mask", "confounds", "confounds_json")
 
 _zip_cache: dict[str, bytes] = {}
 
@@ -37,7 +40,7 @@ _zip_cache: dict[str, bytes] = {}
 def lambda_zip() -> bytes:
     """The real deployment zip (``helpers.cloud.deploy.build_lambda_zip``), built once per session."""
     if "zip" not in _zip_cache:
-        package = build_lambda_zip(out_dir=BUILD_DIR / "robustness-zip")
+        package = build_lambda_zip()  # the same folder as notebook 02's: built once
         _zip_cache["zip"] = package.path.read_bytes()
         _zip_cache["runtime"] = package.runtime
     return _zip_cache["zip"]
@@ -144,26 +147,33 @@ class Pipeline:
         return json.loads(response["Payload"].read())
 
     # --- what the user can see
-    def base(self, key: str) -> str:
-        return f"{self.cfg.output_prefix}{output_name(key)}"
+    def run(self, key: str):
+        """The contract's run of an input key."""
+        return run_from_key(key.removeprefix(self.cfg.input_prefix))
+
+    def out_key(self, key: str, kind: str) -> str:
+        """The output key of ``kind`` (a contract output kind, or "done" / "error")."""
+        run = self.run(key)
+        relative = {"done": run.done, "error": run.error}.get(kind) or run.path(kind)
+        return f"{self.cfg.output_prefix}{relative}"
 
     def outputs(self, key: str) -> dict[str, dict]:
-        """Output objects of ``key`` (its name followed by "_"), by key."""
+        """Output objects of ``key``'s run (its folder, names starting with its entities)."""
+        run = self.run(key)
         pages = client("s3").get_paginator("list_objects_v2").paginate(
-            Bucket=self.cfg.output_bucket, Prefix=f"{self.base(key)}_")
+            Bucket=self.cfg.output_bucket, Prefix=f"{self.cfg.output_prefix}{run.id}_")
         return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
 
     def expected_outputs(self, key: str) -> set[str]:
-        """The keys of a complete result: three outputs and the completion marker."""
-        base = self.base(key)
-        return {f"{base}{kind}" for kind in OUTPUT_KINDS} | {f"{base}_done.json"}
+        """The keys of a complete result: every output and the completion marker."""
+        return {self.out_key(key, kind) for kind in (*OUTPUT_KINDS, "done")}
 
     def read(self, out_key: str) -> bytes:
         return client("s3").get_object(Bucket=self.cfg.output_bucket, Key=out_key)["Body"].read()
 
     def record(self, key: str, kind: str) -> dict:
         """``kind`` = "error" or "done": the JSON record next to where the result would be."""
-        return json.loads(self.read(f"{self.base(key)}_{kind}.json"))
+        return json.loads(self.read(self.out_key(key, kind)))
 
     def runs(self, key: str | None = None) -> list[dict]:
         """Invocations in the function's logs (of ``key`` only, if given)."""
@@ -204,7 +214,7 @@ class Pipeline:
     def settle(self, keys: list[str], *, timeout: float = 120) -> None:
         """Wait until no key is pending in the status table and each has a logged run."""
         def finished() -> bool:
-            if (self.status(keys)["status"] == "pending").any():
+            if self.status(keys)["status"].isin(("pending", "retrying")).any():
                 return False
             logged = {r.get("key") for r in self.runs()}
             return set(keys) <= logged
@@ -212,13 +222,16 @@ class Pipeline:
             f"not finished after {timeout} s:\n{self.status(keys)}"
 
 
-def deploy_pipeline(tag: str, *, memory_mb: int = 512, timeout_s: int = 60,
-                    concurrency: int = 2, retries: int = 1, max_input_mb: float = 200,
-                    extra_env: dict | None = None) -> Pipeline:
+def deploy_pipeline(tag: str, *, spec: FunctionSpec | None = None,
+                    route_s3_through: str | None = None, **changes) -> Pipeline:
     """Create buckets and role (notebook 01) and the function, queue and trigger (notebook 02).
 
-    Parameters mirror notebook 02's; ``extra_env`` adds function environment variables.
+    The function is configured exactly as notebook 02 configures it: from a
+    :class:`~helpers.cloud.deploy.FunctionSpec` (its defaults, or ``spec``) through the same
+    builders. ``changes`` replace spec fields (e.g. ``memory_mb=128`` to provoke a kill);
+    ``route_s3_through`` points the function's AWS endpoint at a fault-injecting proxy.
     """
+    spec = replace(spec or FunctionSpec(), **changes)
     cfg = Settings(mode="local", workbook_id=f"rb-{tag}")
     s3, iam, lam, sqs = client("s3"), client("iam"), client("lambda"), client("sqs")
     account_id = client("sts").get_caller_identity()["Account"]
@@ -233,29 +246,18 @@ def deploy_pipeline(tag: str, *, memory_mb: int = 512, timeout_s: int = 60,
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
         "Attributes"]["QueueArn"]
     zip_bytes = lambda_zip()
-    variables = {"OUTPUT_BUCKET": cfg.output_bucket, "OUTPUT_PREFIX": cfg.output_prefix,
-                 "INPUT_PREFIX": cfg.input_prefix, "INPUT_SUFFIX": cfg.input_suffix,
-                 "FWHM_MM": "6.0", "MAX_INPUT_MB": str(max_input_mb), **(extra_env or {})}
-    function = lam.create_function(
-        FunctionName=cfg.function_name, Role=role_arn, Runtime=_zip_cache["runtime"],
-        Handler="handler.lambda_handler", Timeout=timeout_s, MemorySize=memory_mb,
-        Code={"ZipFile": zip_bytes}, Environment={"Variables": variables})
+    configuration = function_configuration(cfg, spec, role_arn=role_arn,
+                                           runtime=_zip_cache["runtime"])
+    if route_s3_through:
+        configuration["Environment"]["Variables"]["AWS_ENDPOINT_URL"] = route_s3_through
+    function = lam.create_function(Code={"ZipFile": zip_bytes}, **configuration)
     lam.put_function_concurrency(FunctionName=cfg.function_name,
-                                 ReservedConcurrentExecutions=concurrency)
-    lam.put_function_event_invoke_config(
-        FunctionName=cfg.function_name, MaximumRetryAttempts=retries,
-        MaximumEventAgeInSeconds=3600, DestinationConfig={"OnFailure": {"Destination": queue_arn}})
-    lam.add_permission(FunctionName=cfg.function_name, StatementId="s3-invoke",
-                       Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
-                       SourceArn=f"arn:aws:s3:::{cfg.input_bucket}", SourceAccount=account_id)
+                                 ReservedConcurrentExecutions=spec.max_concurrency)
+    lam.put_function_event_invoke_config(**event_invoke_configuration(cfg, spec,
+                                                                      queue_arn=queue_arn))
+    lam.add_permission(**invoke_permission(cfg, account_id=account_id))
     s3.put_bucket_notification_configuration(
-        Bucket=cfg.input_bucket,
-        NotificationConfiguration={"LambdaFunctionConfigurations": [{
-            "Id": "preprocess-new-runs", "LambdaFunctionArn": function["FunctionArn"],
-            "Events": ["s3:ObjectCreated:*"],
-            "Filter": {"Key": {"FilterRules": [
-                {"Name": "prefix", "Value": cfg.input_prefix},
-                {"Name": "suffix", "Value": cfg.input_suffix}]}}}]})
+        **notification_configuration(cfg, function_arn=function["FunctionArn"]))
     return Pipeline(cfg, queue_url)
 
 

@@ -17,17 +17,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from helpers.cloud.clients import LOCAL_CREDENTIALS
+import boto3
+
+from helpers.local_cloud.control import own_key
 
 ROOT = Path(__file__).resolve().parents[1]
-POINTING = ("AWS_ENDPOINT_URL", "AWS_CA_BUNDLE", "AWS_DEFAULT_REGION", *LOCAL_CREDENTIALS)
+POINTING = ("AWS_ENDPOINT_URL", "AWS_CA_BUNDLE", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def sandbox_env(sandbox: Path) -> dict[str, str]:
     """The environment of a subprocess (notebooks, CLI) that should use ``sandbox``."""
     env = {**os.environ, "WORKBOOK_BUILD_DIR": str(sandbox / "build"),
            "WORKBOOK_DATA_DIR": str(sandbox / "data")}
-    for name in ("PYTEST_CURRENT_TEST", "CI", "AWS_ENDPOINT_URL", "AWS_CA_BUNDLE"):
+    for name in ("PYTEST_CURRENT_TEST", "CI", *POINTING):
         env.pop(name, None)
     return env
 
@@ -42,7 +45,12 @@ def run_module(sandbox: Path, *args: str, env: dict | None = None,
 
 def cloud_state(sandbox: Path) -> dict:
     """The sandbox's local cloud state: ``endpoint`` and ``pid``."""
-    return json.loads((sandbox / "build" / "local_cloud" / "state.json").read_text())
+    return json.loads((state_dir(sandbox) / "state.json").read_text())
+
+
+def state_dir(sandbox: Path) -> Path:
+    """The sandbox's local cloud state folder (its key, certificate, state, journal)."""
+    return sandbox / "build" / "local_cloud"
 
 
 @contextmanager
@@ -59,7 +67,7 @@ def private_cloud(sandbox: Path, *, start: bool = True) -> Iterator[dict]:
     Yields
     ------
     dict
-        ``endpoint``, ``pid`` and ``ca_bundle``.
+        ``endpoint``, ``pid``, ``ca_bundle`` and ``state_dir``.
     """
     saved = {name: os.environ.get(name) for name in POINTING}
     try:
@@ -67,9 +75,12 @@ def private_cloud(sandbox: Path, *, start: bool = True) -> Iterator[dict]:
             done = run_module(sandbox, "helpers.local_cloud", "start", timeout=60)
             assert done.returncode == 0, done.stderr
         state = cloud_state(sandbox)
-        state["ca_bundle"] = str(sandbox / "build" / "local_cloud" / "cert.pem")
-        os.environ.update(LOCAL_CREDENTIALS, AWS_ENDPOINT_URL=state["endpoint"],
+        state["state_dir"] = state_dir(sandbox)
+        state["ca_bundle"] = str(state["state_dir"] / "cert.pem")
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        os.environ.update(own_key(state["state_dir"]), AWS_ENDPOINT_URL=state["endpoint"],
                           AWS_CA_BUNDLE=state["ca_bundle"], AWS_DEFAULT_REGION="us-east-1")
+        boto3.DEFAULT_SESSION = None  # boto3 caches the credentials it found first
         yield state
     finally:
         for name, value in saved.items():
@@ -77,4 +88,5 @@ def private_cloud(sandbox: Path, *, start: bool = True) -> Iterator[dict]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        boto3.DEFAULT_SESSION = None
         run_module(sandbox, "helpers.local_cloud", "stop", timeout=60)

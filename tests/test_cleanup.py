@@ -10,11 +10,15 @@ import sys
 
 import pytest
 
+from fmri_preproc.contract import INPUT_SUFFIX
 from helpers.cloud.cleanup import delete_all, find_leftovers
 from helpers.cloud.clients import client
+from helpers.cloud.logs import invocations, log_events
 from helpers.cloud.settings import Settings
 from pipeline_fixtures import wait_until
 from private_cloud import ROOT, private_cloud, run_module, sandbox_env
+
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +45,10 @@ def cfg(sandbox):
 @pytest.fixture(scope="module")
 def invoked(cfg):
     """One real invocation of the deployed function (a bad input: it writes an error record)."""
-    client("s3").put_object(Bucket=cfg.input_bucket, Key=f"{cfg.input_prefix}sub-x_bold.nii.gz",
-                            Body=b"not a NIfTI file")
-    logs = client("logs")
-    reported = lambda: any(  # noqa: E731
-        g["logGroupName"] == cfg.log_group for g in logs.describe_log_groups(
-            logGroupNamePrefix=cfg.log_group)["logGroups"]) and logs.filter_log_events(
-        logGroupName=cfg.log_group, filterPattern="REPORT")["events"]
+    key = f"{cfg.input_prefix}sub-x_bold.nii.gz"
+    client("s3").put_object(Bucket=cfg.input_bucket, Key=key, Body=b"not a NIfTI file")
+    # its own REPORT line (notebook 02's test call wrote one already)
+    reported = lambda: any(r.get("key") == key for r in invocations(log_events(cfg.log_group)))  # noqa: E731
     assert wait_until(reported, timeout=60), "the function did not run"
     return cfg
 
@@ -104,7 +105,7 @@ def test_trigger_cannot_be_reached_by_outputs(cfg):
     (config,) = client("s3").get_bucket_notification_configuration(
         Bucket=cfg.input_bucket)["LambdaFunctionConfigurations"]
     rules = {r["Name"].lower(): r["Value"] for r in config["Filter"]["Key"]["FilterRules"]}
-    assert rules == {"prefix": cfg.input_prefix, "suffix": cfg.input_suffix}
+    assert rules == {"prefix": cfg.input_prefix, "suffix": INPUT_SUFFIX}
     assert "LambdaFunctionConfigurations" not in client("s3").get_bucket_notification_configuration(
         Bucket=cfg.output_bucket)
 

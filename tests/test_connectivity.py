@@ -14,6 +14,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from fmri_preproc import params_to_affine
+from fmri_preproc.contract import MOTION_PARAMS, Sidecar
 from helpers.analysis import connectome, derivatives, evaluation, motion_qc, timeseries
 from helpers.analysis import figures, simulate
 
@@ -27,7 +28,7 @@ def run():
 
 def _confounds(motion: np.ndarray) -> pd.DataFrame:
     """fMRIPrep-style confounds built from a motion trace."""
-    cols = derivatives.MOTION_COLUMNS
+    cols = list(MOTION_PARAMS)
     table = pd.DataFrame(motion, columns=cols)
     for col in cols:
         table[f"{col}_derivative1"] = table[col].diff()
@@ -41,31 +42,50 @@ def _confounds(motion: np.ndarray) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def derivatives_dir(tmp_path_factory, run):
-    """A derivatives folder in the engine's layout (the run itself stands in for its output)."""
+    """A study in the engine's layout (the run itself stands in for its output): sub-01 done,
+    sub-02 failed, and sub-03 with two sessions x two runs named as fMRIPrep names them."""
     root = tmp_path_factory.mktemp("study")
+    func = root / "derivatives" / "sub-01" / "func"
+    func.mkdir(parents=True)
     (root / "raw").mkdir()
-    (root / "derivatives").mkdir()
     nib.save(run.img, root / "raw" / "sub-01_task-rest_bold.nii.gz")
-    nib.save(run.img, root / "derivatives" / "sub-01_task-rest_desc-preproc_bold.nii.gz")
-    confounds = root / "derivatives" / "sub-01_task-rest_desc-confounds_timeseries.tsv"
-    _confounds(run.motion).to_csv(confounds, sep="\t", index=False, na_rep="n/a")
-    (root / "derivatives" / "sub-01_task-rest_desc-preproc_bold.json").write_text(
-        json.dumps({"MotionCorrection": {"ReferenceVolume": 7}}))
+    nib.save(run.img, func / "sub-01_task-rest_desc-preproc_bold.nii.gz")
+    _confounds(run.motion).to_csv(func / "sub-01_task-rest_desc-confounds_timeseries.tsv",
+                                  sep="\t", index=False, na_rep="n/a")
+    (func / "sub-01_task-rest_desc-preproc_bold.json").write_text(
+        json.dumps({Sidecar.REFERENCE_VOLUME: 7}))
     nib.save(run.img, root / "raw" / "sub-02_task-rest_bold.nii.gz")
-    (root / "derivatives" / "sub-02_task-rest_error.json").write_text("{}")
+    (root / "derivatives" / "sub-02" / "func").mkdir(parents=True)
+    (root / "derivatives" / "sub-02" / "func" / "sub-02_task-rest_error.json").write_text("{}")
+    for ses in (1, 2):
+        folder = root / "derivatives" / "sub-03" / f"ses-{ses}" / "func"
+        folder.mkdir(parents=True)
+        for r in (1, 2):
+            stem = f"sub-03_ses-{ses}_task-rest_run-{r}"
+            (folder / f"{stem}_desc-preproc_bold.nii.gz").write_bytes(b"")
+            (folder / f"{stem}_space-MNI152NLin2009aSym_res-2_desc-preproc_bold.nii.gz"
+             ).write_bytes(b"")
+            (folder / f"{stem}_desc-confounds_timeseries.tsv").write_text("")
     return root
 
 
 def test_find_runs_pairs_files_and_flags_errors(derivatives_dir):
     runs = derivatives.find_runs(derivatives_dir / "derivatives", derivatives_dir / "raw")
-    assert list(runs["name"]) == ["sub-01_task-rest", "sub-02_task-rest"]
-    assert list(runs["ok"]) == [True, False]
+    sessions = [f"sub-03/ses-{s}/func/sub-03_ses-{s}_task-rest_run-{r}"
+                for s in (1, 2) for r in (1, 2)]
+    assert list(runs["name"]) == ["sub-01/func/sub-01_task-rest", "sub-02/func/sub-02_task-rest",
+                                  *sessions]
+    assert list(runs["ok"]) == [True, False, True, True, True, True]
+    assert list(runs["subject"]) == ["01", "02", "03", "03", "03", "03"]
     assert runs.loc[1, "error"] is not None and runs.loc[1, "preproc"] is None
+    assert runs.loc[0, "raw"].name == "sub-01_task-rest_bold.nii.gz"  # matched to its input
+    assert all("space-" not in p.name for p in runs["preproc"].dropna())  # native space only
     assert derivatives.reference_volume(runs.loc[0, "sidecar"], 40) == 7
 
 
 def test_motion_confounds_are_24_parameters_with_scrubbing(derivatives_dir, run):
-    preproc = derivatives_dir / "derivatives" / "sub-01_task-rest_desc-preproc_bold.nii.gz"
+    preproc = derivatives_dir / "derivatives" / "sub-01" / "func" / \
+        "sub-01_task-rest_desc-preproc_bold.nii.gz"
     confounds, sample_mask = derivatives.load_motion_confounds(preproc, fd_threshold=0.5, scrub=0)
     assert confounds.shape == (40, 24)
     fd = simulate.framewise_displacement(run.motion)
@@ -178,8 +198,8 @@ def test_data_driven_parcellation(run):
 
 
 def test_qc_figures_render(run, derivatives_dir):
-    confounds = derivatives.read_confounds(
-        derivatives_dir / "derivatives" / "sub-01_task-rest_desc-confounds_timeseries.tsv")
+    confounds = derivatives.read_confounds(derivatives_dir / "derivatives" / "sub-01" / "func" /
+                                           "sub-01_task-rest_desc-confounds_timeseries.tsv")
     drawn = [
         figures.plot_motion_qc(confounds, tr=2.0, true_motion=run.motion),
         figures.plot_mean_tsnr(run.img, run.brain_mask_img),

@@ -7,12 +7,14 @@ from datetime import date, timedelta
 import pytest
 
 from helpers.cloud.clients import client
-from helpers.cloud.costs import GB, HOURS_PER_MONTH, PRICES, PRICES_DATE, PRICES_SOURCE, run_cost
+from helpers.cloud.costs import GB, HOURS_PER_MONTH, PRICES, PRICES_DATE, run_cost
 from helpers.cloud.iam import lambda_trust_policy
 from helpers.cloud.logs import invocations
 from helpers.cloud.settings import Settings
 from conftest import make_zip
 from private_cloud import private_cloud
+
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
 
 CFG = Settings(mode="local", workbook_id="fmriwb-costtest")
 APP = '''
@@ -111,14 +113,10 @@ def test_default_download_is_the_output_bucket_once(workbook):
         OUTPUT_BYTES / GB)
 
 
-def test_prices_come_from_one_dated_table(workbook):
-    assert date.fromisoformat(PRICES_DATE)
-    assert "aws.amazon.com/lambda/pricing" in PRICES_SOURCE
-    assert "aws.amazon.com/s3/pricing" in PRICES_SOURCE
+def test_every_price_used_comes_from_the_one_dated_table(workbook):
     prices = workbook["costs"]["unit_price_usd"].iloc[:-1]
     assert set(prices) <= set(PRICES.values())
-    assert PRICES["lambda_gb_second"] == pytest.approx(0.0000166667)
-    assert PRICES["lambda_request"] == pytest.approx(0.20 / 1e6)
+    assert date.fromisoformat(PRICES_DATE) <= date.today()
 
 
 def test_a_real_aws_report_line_is_read():

@@ -1,4 +1,5 @@
-"""The command line: output names and files, exit code 2 with a readable error."""
+"""The command line: a BIDS derivatives run with fMRIPrep names; exit code 2 with a readable
+error."""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fmri_preproc import output_name
+from fmri_preproc import run_from_key
 
 
 def _run(*args):
@@ -28,40 +29,44 @@ def _small_run(path):
     return path
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("sub-01_task-rest_bold.nii.gz", "sub-01_task-rest"),
-    ("sub-01_task-rest_run-2_bold.nii", "sub-01_task-rest_run-2"),
-    ("scan.nii.gz", "scan"),
-    ("scan.nii", "scan"),
-    ("my scan ü.nii.gz", "my scan ü"),
-])
-def test_output_name(name, expected):
-    assert output_name(f"/some/dir/{name}") == expected
-
-
-@pytest.mark.parametrize("stem", ["sub-02_task-rest", "sub 03 ü_task-rest"])
-def test_cli_writes_the_three_outputs(tmp_path, stem):
+@pytest.mark.parametrize("stem", ["sub-02_task-rest", "sub-03_ses-b_task-rest_run-2"])
+def test_cli_writes_a_bids_derivatives_run(tmp_path, stem):
     src = _small_run(tmp_path / f"{stem}_bold.nii.gz")
     out = tmp_path / "derivatives"
     proc = _run(src, "--out", out, "--fwhm", "5")
     assert proc.returncode == 0, proc.stderr
-    names = sorted(p.name for p in out.iterdir())
-    assert names == [
-        f"{stem}_desc-confounds_timeseries.tsv",
-        f"{stem}_desc-preproc_bold.json",
-        f"{stem}_desc-preproc_bold.nii.gz",
-    ]  # and no temporary files left behind
+    run = run_from_key(src.name)
+    folder = out / run.folder
+    assert folder.relative_to(out).parts[0] == stem.split("_")[0]
+    written = sorted(p.name for p in folder.iterdir())  # and no temporary files left behind
+    assert written == sorted(run.filename(kind) for kind in (
+        "preproc_bold", "preproc_json", "smoothed_bold", "smoothed_json", "boldref",
+        "brain_mask", "confounds", "confounds_json"))
     summary = json.loads(proc.stdout)
-    assert summary["n_volumes"] == 6 and summary["peak_memory_mb"] > 0
-    sidecar = json.loads((out / names[1]).read_text())
-    assert sidecar["SmoothingFWHM"] == 5.0 and sidecar["RepetitionTime"] == 2.0
-    assert {"fmri_preproc", "numpy", "nibabel"} <= set(sidecar["Software"])
-    header = (out / names[0]).read_text().splitlines()[0].split("\t")
+    assert summary["run"] == run.id and summary["n_volumes"] == 6
+    assert summary["peak_memory_mb"] > 0
+    preproc = json.loads((folder / run.filename("preproc_json")).read_text())
+    smoothed = json.loads((folder / run.filename("smoothed_json")).read_text())
+    assert preproc["SmoothingFWHM"] == 0 and smoothed["SmoothingFWHM"] == 5.0
+    assert preproc["RepetitionTime"] == 2.0
+    assert {"fmri_preproc", "numpy", "nibabel"} <= set(preproc["Software"])
+    header = (folder / run.filename("confounds")).read_text().splitlines()[0].split("\t")
     for col in ("trans_x", "rot_z", "framewise_displacement", "dvars", "std_dvars",
                 "rot_z_derivative1_power2"):
         assert col in header
-    img = nib.load(out / names[2])
-    assert img.shape == (16, 16, 10, 6) and img.header.get_zooms()[3] == 2.0
+    described = json.loads((folder / run.filename("confounds_json")).read_text())
+    assert set(described) == set(header) and described["trans_x"]["Units"] == "mm"
+    unsmoothed = np.asarray(nib.load(folder / run.filename("preproc_bold")).dataobj)
+    blurred = np.asarray(nib.load(folder / run.filename("smoothed_bold")).dataobj)
+    assert unsmoothed.shape == blurred.shape == (16, 16, 10, 6)
+    # smoothing lowers the spatial variance of every volume
+    assert np.all(blurred.std(axis=(0, 1, 2)) < unsmoothed.std(axis=(0, 1, 2)))
+    ref = nib.load(folder / run.filename("boldref"))
+    mask = nib.load(folder / run.filename("brain_mask"))
+    assert ref.shape == mask.shape == (16, 16, 10)
+    np.testing.assert_array_equal(np.asarray(ref.dataobj),
+                                  unsmoothed[..., summary["reference_volume"]])
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1} and np.asarray(mask.dataobj).any()
 
 
 def test_cli_bad_input_exit_code_2(tmp_path):
@@ -71,6 +76,13 @@ def test_cli_bad_input_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "what to do:" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_name_it_cannot_name_outputs_from(tmp_path):
+    src = _small_run(tmp_path / "scan.nii.gz")
+    proc = _run(src, "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "sub-01_task-rest_bold.nii.gz" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -16,6 +16,7 @@ from fmri_preproc import (
     params_to_affine,
     preprocess,
 )
+from fmri_preproc.contract import MOTION_PARAMS
 from phantom import moving_blobs
 
 SHAPE = (20, 20, 12)
@@ -179,8 +180,8 @@ def test_some_nans_set_to_zero_and_recorded(tmp_path):
     loaded, _, n_bad = load_run(save(tmp_path, data))
     assert n_bad == 2 and np.all(np.isfinite(loaded)) and loaded[0, 0, 0, 1] == 0
     result = preprocess(save(tmp_path, data), tmp_path / "out")
-    assert result["n_nonfinite"] == 2
-    assert '"NonFiniteValuesSetToZero": 2' in result["sidecar"].read_text()
+    assert result.summary["n_nonfinite"] == 2
+    assert '"NonFiniteValuesSetToZero": 2' in result.outputs["preproc_json"].read_text()
 
 
 def test_int16_with_scaling(tmp_path):
@@ -199,13 +200,12 @@ def _check_processed(path, affine, tmp_path):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     result = preprocess(path, tmp_path / "out", reference="first")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # input untouched
-    rows = [line.split("\t") for line in result["confounds"].read_text().splitlines()]
+    rows = [line.split("\t") for line in result.outputs["confounds"].read_text().splitlines()]
     cols = {name: i for i, name in enumerate(rows[0])}
-    est = np.array([[float(r[cols[n]]) for n in
-                     ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")] for r in rows[1:]])
+    est = np.array([[float(r[cols[n]]) for n in MOTION_PARAMS] for r in rows[1:]])
     assert np.allclose(est[:, :3], MOTION[:, :3], atol=0.03)
     assert np.allclose(est[:, 3:], MOTION[:, 3:], atol=5e-4)
-    out = nib.load(result["bold"])
+    out = nib.load(result.outputs["preproc_bold"])
     assert np.allclose(out.affine, affine, atol=1e-4)
     assert out.shape == (*SHAPE, len(MOTION)) and out.get_data_dtype() == np.float32
 

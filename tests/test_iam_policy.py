@@ -17,6 +17,8 @@ from helpers.cloud.settings import Settings
 from conftest import make_zip
 from private_cloud import private_cloud
 
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
+
 CFG = Settings(mode="local", workbook_id="fmriwb-iamtest")
 OTHER_BUCKET = "fmriwb-someone-elses-data"
 OTHER_QUEUE = "fmriwb-someone-elses-queue"
@@ -50,6 +52,8 @@ ALLOWED = {
         ("s3", "head_object", {"Bucket": IN, "Key": f"{RAW}sub-01_bold.nii.gz"}),
     "s3:PutObject output bucket, output prefix":
         ("s3", "put_object", {"Bucket": OUT, "Key": f"{DERIV}sub-01_done.json", "Body": "{}"}),
+    "s3:DeleteObject output bucket, output prefix (a stale record)":
+        ("s3", "delete_object", {"Bucket": OUT, "Key": f"{DERIV}stale_error.json"}),
     "sqs:SendMessage own failure queue":
         ("sqs", "send_message", {"QueueUrl": CFG.failure_queue, "MessageBody": "x"}),
 }
@@ -73,8 +77,8 @@ DENIED = {
     "s3:ListAllMyBuckets": ("s3", "list_buckets", {}),
     "s3:DeleteObject input bucket":
         ("s3", "delete_object", {"Bucket": IN, "Key": f"{RAW}sub-01_bold.nii.gz"}),
-    "s3:DeleteObject output bucket":
-        ("s3", "delete_object", {"Bucket": OUT, "Key": f"{DERIV}existing.json"}),
+    "s3:DeleteObject output bucket, outside the output prefix":
+        ("s3", "delete_object", {"Bucket": OUT, "Key": "notes/existing.json"}),
     "s3:PutBucketPolicy input bucket (e.g. make it public)":
         ("s3", "put_bucket_policy", {"Bucket": IN, "Policy": json.dumps({
             "Version": "2012-10-17", "Statement": [{
@@ -109,6 +113,7 @@ def account(tmp_path_factory):
             s3.create_bucket(Bucket=bucket)
         for bucket, key in [(IN, f"{RAW}sub-01_bold.nii.gz"), (IN, "notes/readme.txt"),
                             (IN, "raw-old/sub-01_bold.nii.gz"), (OUT, f"{DERIV}existing.json"),
+                            (OUT, "notes/existing.json"), (OUT, f"{DERIV}stale_error.json"),
                             (OTHER_BUCKET, f"{RAW}sub-01_bold.nii.gz")]:
             s3.put_object(Bucket=bucket, Key=key, Body=b"data")
         for queue in (CFG.failure_queue, OTHER_QUEUE):
@@ -171,8 +176,10 @@ def test_the_effects_are_as_reported(outcomes, account):
     role was refused exists (a denial, not a missing key), nothing was deleted."""
     s3 = client("s3", **account)
     assert s3.head_object(Bucket=OUT, Key=f"{DERIV}sub-01_done.json")
+    with pytest.raises(s3.exceptions.ClientError, match="404"):  # the allowed delete happened
+        s3.head_object(Bucket=OUT, Key=f"{DERIV}stale_error.json")
     for service, operation, args in DENIED.values():
-        if service == "s3" and operation in ("get_object", "delete_object"):
+        if service == "s3" and operation in ("get_object", "delete_object", "head_object"):
             assert s3.head_object(Bucket=args["Bucket"], Key=args["Key"])
         elif service == "s3" and operation == "put_object":
             with pytest.raises(s3.exceptions.ClientError, match="404"):
@@ -192,8 +199,8 @@ def test_policy_document_has_no_wildcards():
                                                else s["Action"])]
     assert not [a for a in actions if "*" in a]
     assert sorted(actions) == ["logs:CreateLogGroup", "logs:CreateLogStream",
-                               "logs:PutLogEvents", "s3:GetObject", "s3:PutObject",
-                               "sqs:SendMessage"]
+                               "logs:PutLogEvents", "s3:DeleteObject", "s3:GetObject",
+                               "s3:PutObject", "sqs:SendMessage"]
     resources = [r for s in statements for r in ([s["Resource"]] if isinstance(s["Resource"], str)
                                                  else s["Resource"])]
     assert "*" not in resources

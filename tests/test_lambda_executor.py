@@ -113,11 +113,26 @@ def test_within_memory_runs_and_reports_usage(deploy):
     assert 100 <= record["max_memory_mb"] < 512
 
 
-def test_broken_zip_fails_to_import(deploy):
-    name = deploy({"app.py": "def lambda_handler(event, context) return 1\n"})
+@pytest.mark.parametrize("source, error_type, message, report_type", [
+    ("def lambda_handler(event, context) return 1\n", "Runtime.UserCodeSyntaxError",
+     "Syntax error in module 'app'", "Runtime.UserCodeSyntaxError"),
+    ("import not_in_the_zip\n", "Runtime.ImportModuleError",
+     "Unable to import module 'app': No module named 'not_in_the_zip'",
+     "Runtime.ImportModuleError"),
+    ("import os\nBUCKET = os.environ['OUTPUT_BUCKET']\n", "KeyError", "'OUTPUT_BUCKET'",
+     "Runtime.Unknown"),
+], ids=["syntax", "import", "raises-at-import"])
+def test_init_errors_are_worded_as_on_aws(deploy, source, error_type, message, report_type):
+    """What the AWS Python runtime and the Lambda service write when Init fails."""
+    name = deploy({"app.py": source})
     error, payload, tail = invoke(name, {})
-    assert payload["errorType"] == "Runtime.ImportModuleError"
-    assert "Unable to import module 'app'" in payload["errorMessage"]
+    assert error is not None
+    assert payload["errorType"] == error_type
+    assert payload["errorMessage"].startswith(message)
+    assert f"[ERROR] {error_type}: {message}" in tail
+    assert f"Phase: invoke\tStatus: error\tError Type: {report_type}" in tail
+    record = invocations(log_events(f"/aws/lambda/{name}"))[-1]
+    assert record["error_type"] == report_type  # from the REPORT line's Status / Error Type
 
 
 def test_logs_have_start_end_report(deploy):

@@ -29,6 +29,8 @@ from helpers import local_cloud
 from pipeline_fixtures import (deploy_pipeline, input_state, large_run_bytes, nifti_bytes,
                                phantom_run, remove_trigger, wait_until)
 
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
+
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
           503: ("ServiceUnavailable", "Please reduce your request rate.")}
@@ -120,6 +122,7 @@ class FlakyS3:
             headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP
                        and k.lower() != "expect"}
             headers["Content-Length"] = str(len(body))
+            headers["Host"] = req.headers["Host"]  # signed by the client: keep it
             conn.request(req.command, req.path, body=body, headers=headers)
             response = conn.getresponse()
             payload = response.read()
@@ -173,8 +176,8 @@ def proxy(cloud):
 def killed(cloud):
     """A 1 s timeout and a 128 MB function, each given a run that needs more (64x64x32x100)."""
     body = large_run_bytes()
-    slow = deploy_pipeline("timeout", timeout_s=1, memory_mb=1024, concurrency=1, retries=1)
-    small = deploy_pipeline("oom", timeout_s=60, memory_mb=128, concurrency=1, retries=1)
+    slow = deploy_pipeline("timeout", timeout_s=1, memory_mb=1024, max_concurrency=1, retry_attempts=1)
+    small = deploy_pipeline("oom", timeout_s=60, memory_mb=128, max_concurrency=1, retry_attempts=1)
     etags = {SLOW: slow.upload(SLOW, body), BIG: small.upload(BIG, body)}
     yield {"timeout": slow, "oom": small, "body": body, "etags": etags}
     remove_trigger(slow)
@@ -184,8 +187,8 @@ def killed(cloud):
 @pytest.fixture(scope="module")
 def through_proxy(proxy):
     """The real function reaching S3 through the flaky proxy."""
-    pipeline = deploy_pipeline("faults", concurrency=2, retries=1,
-                               extra_env={"AWS_ENDPOINT_URL": proxy.url})
+    pipeline = deploy_pipeline("faults", max_concurrency=2, retry_attempts=1,
+                               route_s3_through=proxy.url)
     proxy.fail(f"/{pipeline.cfg.input_bucket}/{TRANSIENT}", 2)            # GET/HEAD input
     proxy.fail("s3-transient_desc-preproc_bold.nii.gz", 1, status=500)    # PUT an output
     proxy.fail(f"/{pipeline.cfg.input_bucket}/{PERMANENT}", None)         # S3 never answers
@@ -263,7 +266,7 @@ def test_transient_s3_errors_are_retried_and_the_run_completes(through_proxy, pr
     reads = proxy.attempts(f"/{pipeline.cfg.input_bucket}/{TRANSIENT}")
     assert [r["status"] for r in reads[:3]] == [503, 503, 200]
     assert attempt_numbers(reads[:3]) == [1, 2, 3]
-    # The handler's Config(retries={"max_attempts": 5}): 5 retries, 6 attempts in all.
+    # The handler's Config(retry_attempts={"max_attempts": 5}): 5 retries, 6 attempts in all.
     assert all("max=6" in r["sdk_request"] for r in reads)
     assert len({r["invocation_id"] for r in reads[:3]}) == 1  # one call, three attempts
     writes = proxy.attempts("s3-transient_desc-preproc_bold.nii.gz", "PUT")
@@ -276,11 +279,11 @@ def test_transient_s3_errors_are_retried_and_the_run_completes(through_proxy, pr
 def test_completion_marker_is_written_last(through_proxy, proxy):
     pipeline, _ = through_proxy
     pipeline.settle([TRANSIENT], timeout=120)
-    puts = [r["path"].rsplit("/", 1)[-1] for r in proxy.attempts("/s3-transient_", "PUT")
-            if r["status"] == 200]
-    assert puts == ["s3-transient_desc-preproc_bold.nii.gz",
-                    "s3-transient_desc-confounds_timeseries.tsv",
-                    "s3-transient_desc-preproc_bold.json", "s3-transient_done.json"]
+    puts = [unquote(r["path"]).split("?")[0].removeprefix(f"/{pipeline.cfg.output_bucket}/")
+            for r in proxy.attempts("/s3-transient_", "PUT") if r["status"] == 200]
+    done = pipeline.out_key(TRANSIENT, "done")
+    assert puts[-1] == done and set(puts) == pipeline.expected_outputs(TRANSIENT)
+    assert len(puts) == len(set(puts))  # each written once
 
 
 def test_permanent_s3_failure_is_recorded_after_retries(through_proxy, proxy):
@@ -303,9 +306,10 @@ def test_permanent_s3_failure_is_recorded_after_retries(through_proxy, proxy):
     assert record["error_type"] == "ClientError" and record["permanent"] is False
     assert "503" in record["error"] or "ServiceUnavailable" in record["error"]
     assert "S3 kept failing" in record["cause"] and "Lambda retries" in record["action"]
-    assert set(pipeline.outputs(PERMANENT)) == {f"{pipeline.base(PERMANENT)}_error.json"}
+    assert set(pipeline.outputs(PERMANENT)) == {pipeline.out_key(PERMANENT, "error")}
     row = pipeline.status([PERMANENT]).iloc[0]
-    assert row["status"] == "failed" and row["reason"] == record["error"]
+    assert row["status"] == "failed" and row["reason"].startswith(record["error"])
+    assert "RetriesExhausted" in row["reason"]
     _assert_sent_to_failure_queue(pipeline, PERMANENT, attempts=2)
     assert input_state(pipeline, PERMANENT)[0] == etags[PERMANENT]
 
@@ -318,9 +322,8 @@ def _result(pipeline, key) -> dict:
     """The result's keys, with the content of the deterministic outputs (the image
     uncompressed: the gzip header holds the engine's temporary file name)."""
     objects = pipeline.outputs(key)
-    base = pipeline.base(key)
-    data = {"bold": gzip.decompress(pipeline.read(f"{base}_desc-preproc_bold.nii.gz")),
-            "confounds": pipeline.read(f"{base}_desc-confounds_timeseries.tsv")}
+    data = {"bold": gzip.decompress(pipeline.read(pipeline.out_key(key, "preproc_bold"))),
+            "confounds": pipeline.read(pipeline.out_key(key, "confounds"))}
     return {"keys": set(objects), "data": data}
 
 

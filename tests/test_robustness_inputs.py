@@ -19,9 +19,12 @@ import pandas as pd
 import pytest
 
 import fmri_preproc
+from fmri_preproc.contract import MOTION_PARAMS
 from pipeline_fixtures import (N_VOLUMES, PLAIN, SHAPE, centred_affine, deploy_pipeline,
                                input_state, load_nifti, nifti_bytes, phantom_motion,
                                phantom_run, remove_trigger)
+
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
 
 MAX_INPUT_MB = 1
 GOOD = phantom_run(seed=1)
@@ -113,7 +116,7 @@ def key_of(case: str) -> str:
 @pytest.fixture(scope="module")
 def uploaded(cloud):
     """Upload every case at once (outside keys first), then wait until each has an answer."""
-    pipeline = deploy_pipeline("inputs", max_input_mb=MAX_INPUT_MB, concurrency=2)
+    pipeline = deploy_pipeline("inputs", max_input_mb=MAX_INPUT_MB, max_concurrency=2)
     bodies = {key: b"" for key in OUTSIDE}
     bodies.update({key_of(case): body for case, (body, _) in BAD.items()})
     bodies.update({key_of(case): body for case, (body, _) in GOOD_CASES.items()})
@@ -162,7 +165,7 @@ def test_bad_input_is_not_retried_and_leaves_nothing_else(uploaded, case):
     assert runs[0]["error_type"] is None
     assert key not in pipeline.failed_keys()
     # No partial output, no completion marker: only the error record.
-    assert set(pipeline.outputs(key)) == {f"{pipeline.base(key)}_error.json"}
+    assert set(pipeline.outputs(key)) == {pipeline.out_key(key, "error")}
     _assert_untouched(pipeline, key, bodies, etags)
 
 
@@ -190,9 +193,9 @@ def _engine_result(body: bytes, name: str) -> dict:
         path = Path(tmp) / name
         path.write_bytes(body)
         result = fmri_preproc.preprocess(path, Path(tmp) / "out", fwhm=6.0)
-        img = nib.load(result["bold"])
+        img = nib.load(result.outputs["smoothed_bold"])
         return {"affine": img.affine, "data": np.asarray(img.dataobj, dtype=np.float32),
-                "confounds": pd.read_csv(result["confounds"], sep="\t")}
+                "confounds": pd.read_csv(result.outputs["confounds"], sep="\t")}
 
 
 @pytest.mark.parametrize("case", GOOD_CASES)
@@ -205,9 +208,9 @@ def test_unusual_but_valid_input_is_processed_correctly(uploaded, case):
     assert pipeline.status([key]).iloc[0]["status"] == "processed"
     _assert_untouched(pipeline, key, bodies, etags)
     # The cloud's result is the engine's result on the same file ...
-    img, data = load_nifti(pipeline.read(f"{pipeline.base(key)}_desc-preproc_bold.nii.gz"))
-    confounds = pd.read_csv(io.BytesIO(pipeline.read(
-        f"{pipeline.base(key)}_desc-confounds_timeseries.tsv")), sep="\t")
+    img, data = load_nifti(pipeline.read(pipeline.out_key(key, "smoothed_bold")))
+    confounds = pd.read_csv(io.BytesIO(pipeline.read(pipeline.out_key(key, "confounds"))),
+                            sep="\t")
     local = _engine_result(body, key.split("/")[-1])
     assert np.allclose(data, local["data"], rtol=1e-5, atol=1e-3)
     pd.testing.assert_frame_equal(confounds, local["confounds"], rtol=1e-5, atol=1e-6)
@@ -217,7 +220,7 @@ def test_unusual_but_valid_input_is_processed_correctly(uploaded, case):
     assert data.shape == (*SHAPE, N_VOLUMES) and len(confounds) == N_VOLUMES
     # ... with the true motion found, whatever the orientation. A 16x16x8 run limits the
     # precision (about 0.1 mm, 0.4 degrees here); test_engine_inputs.py checks it closely.
-    found = confounds[["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]].to_numpy()
+    found = confounds[list(MOTION_PARAMS)].to_numpy()
     error = np.abs(found - phantom_motion(seed=1))
     assert error[:, :3].max() < 0.5 and np.degrees(error[:, 3:].max()) < 1.0
 
@@ -225,9 +228,9 @@ def test_unusual_but_valid_input_is_processed_correctly(uploaded, case):
 def test_int16_scaling_is_applied(uploaded):
     """Intensities come out in the scaled units (slope 0.5, intercept 100), not raw integers."""
     pipeline, _, _ = uploaded
-    _, scaled = load_nifti(pipeline.read("derivatives/int16-scaled_desc-preproc_bold.nii.gz"))
-    _, plain = load_nifti(pipeline.read("derivatives/plain_desc-preproc_bold.nii.gz"))
-    # The reference volume is only smoothed (not resliced): the same as the float32 run's
+    _, scaled = load_nifti(pipeline.read(pipeline.out_key(key_of("int16-scaled"), "preproc_bold")))
+    _, plain = load_nifti(pipeline.read(pipeline.out_key(key_of("plain"), "preproc_bold")))
+    # The reference volume is neither resliced nor smoothed: the same as the float32 run's
     # within the quantisation step (0.5), where the raw integers would be about twice as large.
     ref = N_VOLUMES // 2
     assert np.abs(scaled[..., ref] - plain[..., ref]).max() < 0.5
@@ -238,9 +241,9 @@ def test_a_few_nonfinite_values_are_zeroed_and_counted(uploaded):
     pipeline, _, _ = uploaded
     key = key_of("a-few-nan-inf")
     assert pipeline.record(key, "done")["n_nonfinite"] == len(NONFINITE)
-    sidecar = json.loads(pipeline.read(f"{pipeline.base(key)}_desc-preproc_bold.json"))
+    sidecar = json.loads(pipeline.read(pipeline.out_key(key, "preproc_json")))
     assert sidecar["NonFiniteValuesSetToZero"] == len(NONFINITE)
-    _, data = load_nifti(pipeline.read(f"{pipeline.base(key)}_desc-preproc_bold.nii.gz"))
+    _, data = load_nifti(pipeline.read(pipeline.out_key(key, "preproc_bold")))
     assert np.isfinite(data).all()
 
 
@@ -248,7 +251,7 @@ def test_key_with_spaces_and_non_ascii_keeps_its_name(uploaded):
     """S3 URL-encodes keys in events ('+' for space, %2B for '+'); outputs use the real name."""
     pipeline, _, _ = uploaded
     key = key_of("sub 07 é+ü")
-    assert "derivatives/sub 07 é+ü_done.json" in pipeline.outputs(key)
+    assert "derivatives/sub 07 é+ü_done.json" in pipeline.outputs(key)  # the contract's name
     assert pipeline.record(key, "done")["source"].endswith("raw/sub 07 é+ü_bold.nii.gz")
     assert [line["key"] for line in pipeline.handler_lines(key)][:1] == [key]
 
@@ -271,5 +274,6 @@ def test_handler_skips_a_key_outside_its_prefix_if_invoked_anyway(uploaded):
     pipeline, _, _ = uploaded
     key = "other/invoked-directly_bold.nii.gz"
     payload = pipeline.invoke(pipeline.event(key, 1000))
-    assert payload == {"results": [{"key": key, "status": "skipped"}]}
+    result, = payload["results"]
+    assert result["status"] == "skipped" and "outside the input prefix" in result["reason"]
     assert pipeline.outputs(key) == {}

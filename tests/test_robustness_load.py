@@ -16,6 +16,8 @@ from helpers.cloud.logs import peak_concurrency
 from helpers.cloud.status import STATUS_COLUMNS, write_status
 from pipeline_fixtures import deploy_pipeline, nifti_bytes, phantom_run, remove_trigger
 
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
+
 N_RUNS = 20
 CAP = 3
 BAD = {"raw/load-18-empty_bold.nii.gz": b"",
@@ -24,7 +26,7 @@ BAD = {"raw/load-18-empty_bold.nii.gz": b"",
 
 @pytest.fixture(scope="module")
 def load(cloud):
-    pipeline = deploy_pipeline("load", concurrency=CAP, retries=1)
+    pipeline = deploy_pipeline("load", max_concurrency=CAP, retry_attempts=1)
     bodies = {f"raw/load-{i:02d}_bold.nii.gz": nifti_bytes(phantom_run(seed=i))
               for i in range(N_RUNS - len(BAD))}
     bodies.update(BAD)
@@ -49,7 +51,7 @@ def test_every_input_ends_with_exactly_one_result_or_error(load):
     for key in keys:
         objects = set(pipeline.outputs(key))
         if key in BAD:
-            assert objects == {f"{pipeline.base(key)}_error.json"}, key
+            assert objects == {pipeline.out_key(key, "error")}, key
         else:
             assert objects == pipeline.expected_outputs(key), key
     table = pipeline.status(keys)
@@ -74,9 +76,10 @@ def test_status_table_is_saved_with_the_documented_shape(load, tmp_path):
     path = write_status(pipeline.status(keys), tmp_path / "results" / "processing_status.json")
     saved = json.loads(path.read_text())
     assert list(saved) == ["inputs"] and len(saved["inputs"]) == N_RUNS
+    assert [row["key"] for row in saved["inputs"]] == keys
     for row in saved["inputs"]:
-        assert list(row) == STATUS_COLUMNS == ["key", "status", "reason", "duration_s",
-                                               "max_memory_mb"]
-        assert row["status"] in ("processed", "failed")
+        assert list(row) == STATUS_COLUMNS
+        assert row["status"] in ("processed", "failed") and row["attempts"] == 1
+        assert row["run"] == pipeline.run(row["key"]).id
         assert isinstance(row["duration_s"], float) and isinstance(row["max_memory_mb"], int)
         assert (row["reason"] != "") == (row["key"] in BAD)

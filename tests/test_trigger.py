@@ -10,6 +10,8 @@ from helpers.cloud.clients import client
 from helpers.cloud.logs import invocations, log_events, peak_concurrency
 from pipeline_fixtures import wait_until
 
+pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
+
 APP = '''
 import json, os, time, boto3
 from urllib.parse import unquote_plus

@@ -13,20 +13,41 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["MOTION_COLUMNS", "find_runs", "read_confounds", "load_motion_confounds",
-           "reference_volume", "relative_motion"]
+from fmri_preproc.contract import (ERROR_SUFFIX, INPUT_SUFFIX, Sidecar, parse_bids_name,
+                                   run_from_key)
+
+__all__ = ["find_runs", "read_confounds", "load_motion_confounds", "reference_volume",
+           "relative_motion"]
 
 
-MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
+# Which file of a run is which: (desc, suffix, extension) -> column of find_runs' table.
+_KINDS = {("preproc", "bold", ".nii.gz"): "preproc",
+          ("confounds", "timeseries", ".tsv"): "confounds",
+          ("preproc", "bold", ".json"): "sidecar"}
 
 
-def _run_name(path: Path) -> str:
-    """``sub-01_task-rest`` from any of a run's file names."""
-    name = Path(path).name
-    for tail in ("_desc-preproc_bold", "_desc-confounds_timeseries", "_error", "_bold"):
-        if tail in name:
-            return name.split(tail)[0]
-    raise ValueError(f"{name} is not a BIDS-style run file")
+def _run_file(path: Path, root: Path) -> tuple[str, str] | None:
+    """(run id, kind) of a native-space derivatives file, or None for any other file.
+
+    The run id is the contract's (:attr:`fmri_preproc.contract.Run.id`): the folder and every
+    entity but ``desc``, so two sessions or runs of one subject never collide.
+    """
+    try:
+        name = parse_bids_name(path.name)
+    except ValueError:
+        return None
+    if name.get("space") is not None:  # template-space files: not this table's native runs
+        return None
+    folder = path.parent.relative_to(root).as_posix()
+    if path.name.endswith(ERROR_SUFFIX):
+        kind = "error"
+        stem = path.name.removesuffix(ERROR_SUFFIX)
+    else:
+        kind = _KINDS.get((name.get("desc"), name.suffix, name.extension))
+        stem = name.with_entities(desc=None).stem
+    if kind is None:
+        return None
+    return (stem if folder == "." else f"{folder}/{stem}"), kind
 
 
 def find_runs(derivatives_dir, raw_dir=None) -> pd.DataFrame:
@@ -35,34 +56,36 @@ def find_runs(derivatives_dir, raw_dir=None) -> pd.DataFrame:
     Parameters
     ----------
     derivatives_dir : str or Path
-        Folder with ``<name>_desc-preproc_bold.nii.gz``, ``<name>_desc-confounds_timeseries.tsv``,
-        ``<name>_desc-preproc_bold.json`` and, for failed inputs, ``<name>_error.json``
-        (searched recursively).
+        A derivatives dataset (``sub-XX/[ses-YY/]func/`` with fMRIPrep's names:
+        ``*_desc-preproc_bold.nii.gz``, ``*_desc-confounds_timeseries.tsv``,
+        ``*_desc-preproc_bold.json`` and, for failed inputs, ``*_error.json``).
     raw_dir : str or Path, optional
-        Folder with the inputs ``<name>_bold.nii.gz``.
+        The raw dataset, whose ``*_bold.nii.gz`` runs are matched by the contract's run id.
 
     Returns
     -------
     pandas.DataFrame
-        One row per run name, sorted: ``name``, ``subject``, ``preproc``, ``confounds``,
-        ``sidecar``, ``error`` and ``raw`` (paths, or None when missing), ``ok`` (True when
-        the preprocessed image and confounds are both present and no error was written).
+        One row per run id, sorted: ``name`` (the run id), ``subject``, ``preproc``,
+        ``confounds``, ``sidecar``, ``error`` and ``raw`` (paths, or None when missing),
+        ``ok`` (True when the preprocessed image and confounds are both present and no error
+        was written).
     """
     derivatives_dir = Path(derivatives_dir)
-    kinds = {"preproc": "*_desc-preproc_bold.nii.gz",
-             "confounds": "*_desc-confounds_timeseries.tsv",
-             "sidecar": "*_desc-preproc_bold.json", "error": "*_error.json"}
     rows: dict[str, dict] = {}
-    for kind, pattern in kinds.items():
-        for path in sorted(derivatives_dir.rglob(pattern)):
-            rows.setdefault(_run_name(path), {})[kind] = path
+    for path in sorted(p for p in derivatives_dir.rglob("*") if p.is_file()):
+        found = _run_file(path, derivatives_dir)
+        if found:
+            rows.setdefault(found[0], {})[found[1]] = path
     if raw_dir is not None:
-        for path in sorted(Path(raw_dir).glob("*_bold.nii.gz")):
-            rows.setdefault(_run_name(path), {})["raw"] = path
+        for path in sorted(Path(raw_dir).rglob(f"*{INPUT_SUFFIX}")):
+            run = run_from_key(path.relative_to(raw_dir).as_posix())
+            rows.setdefault(run.id, {})["raw"] = path
+    columns = ["preproc", "confounds", "sidecar", "error", "raw"]
     table = pd.DataFrame([{"name": name, **paths} for name, paths in sorted(rows.items())],
-                         columns=["name", *kinds, "raw"])
+                         columns=["name", *columns])
     table = table.astype(object).where(table.notna(), None)
-    table.insert(1, "subject", table["name"].str.split("_").str[0])
+    table.insert(1, "subject", [parse_bids_name(f"{n.split('/')[-1]}_bold.nii.gz").get("sub")
+                                for n in table["name"]])
     table["ok"] = table["preproc"].notna() & table["confounds"].notna() & table["error"].isna()
     return table
 
@@ -111,29 +134,13 @@ def load_motion_confounds(preproc_path, *, fd_threshold: float = 0.5,
 
 
 def reference_volume(sidecar_path, n_volumes: int) -> int:
-    """Index of the engine's motion reference volume, read from the run's JSON sidecar.
-
-    Looks for a key containing "reference" with an integer (or "first"/"middle") value;
-    falls back to the middle volume.
-    """
-    def search(obj):
-        if isinstance(obj, dict):
-            for key, value in obj.items():
-                if "reference" in key.lower() and isinstance(value, (int, str)):
-                    return value
-                found = search(value)
-                if found is not None:
-                    return found
-        return None
-
+    """Index of the engine's motion reference volume, from the run's JSON sidecar
+    (:attr:`~fmri_preproc.contract.Sidecar.REFERENCE_VOLUME`); the middle volume when the
+    sidecar does not say (e.g. another pipeline's derivatives)."""
     value = None
     if sidecar_path is not None and Path(sidecar_path).exists():
-        value = search(json.loads(Path(sidecar_path).read_text()))
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value % n_volumes
-    if value == "first":
-        return 0
-    return n_volumes // 2
+        value = json.loads(Path(sidecar_path).read_text()).get(Sidecar.REFERENCE_VOLUME)
+    return int(value) % n_volumes if isinstance(value, int) else n_volumes // 2
 
 
 def relative_motion(motion: np.ndarray, affine: np.ndarray, shape, reference: int) -> np.ndarray:

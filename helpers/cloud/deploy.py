@@ -1,14 +1,25 @@
-"""Build the Lambda deployment zip: our handler and engine plus numpy and nibabel wheels."""
+"""The function: its deployment zip, and the one source of its configuration.
+
+- :func:`build_lambda_zip`: our handler and engine plus numpy and nibabel wheels;
+- :class:`FunctionSpec`: memory, timeout, /tmp, concurrency, retries, event age, smoothing
+  and threads, in one place. :func:`function_configuration`,
+  :func:`event_invoke_configuration`, :func:`invoke_permission` and
+  :func:`notification_configuration` turn it into the keyword arguments of the boto3 calls
+  that notebook 02 makes (and the tests, and ``docs/setup_guide.md``), so all three deploy
+  the same function.
+"""
 from __future__ import annotations
 
 import shutil
+import time
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from helpers.cloud.settings import BUILD_DIR, PROJECT_ROOT
+from fmri_preproc.contract import INPUT_SUFFIX
+from helpers.cloud.settings import BUILD_DIR, PROJECT_ROOT, Settings
 
 LAMBDA_SOURCE = PROJECT_ROOT / "lambda_package"
 # AWS Lambda limits: https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html
@@ -64,25 +75,44 @@ def build_lambda_zip(*, runtime: str | None = None, for_aws: bool = False,
     Returns
     -------
     LambdaZip
+
+    Notes
+    -----
+    The installed wheels are kept in ``out_dir`` and reused while the requirements and the
+    target are unchanged, so rebuilding after a code change takes a second. For AWS, pip
+    evaluates dependency markers against the Python that runs pip, not the target's (pip
+    issue 11664): :func:`_complete_for_target` then adds what the target needs (e.g.
+    nibabel's ``typing-extensions; python_version < "3.13"``) and removes what it does not.
     """
     runtime = runtime or (AWS_RUNTIME if for_aws else local_runtime())
-    stage = out_dir / "package"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    _pip_install(stage, runtime, for_aws)
+    stage = out_dir / f"package-{runtime}{'-aws' if for_aws else ''}"
+    stamp = stage / ".requirements"
+    wanted = f"{runtime} aws={for_aws}\n{(LAMBDA_SOURCE / 'requirements.txt').read_text()}"
+    if not stamp.exists() or stamp.read_text() != wanted:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        _pip_install(stage, runtime, for_aws, ["-r", str(LAMBDA_SOURCE / "requirements.txt")])
+        if for_aws:
+            _complete_for_target(stage, runtime)
+        _prune(stage)
+        stamp.write_text(wanted)
+    for ours in ("handler.py", "fmri_preproc"):  # our code: always fresh
+        target = stage / ours
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     shutil.copy2(LAMBDA_SOURCE / "handler.py", stage)
     shutil.copytree(LAMBDA_SOURCE / "fmri_preproc", stage / "fmri_preproc",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    _prune(stage)
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     path = out_dir / f"function-{runtime}{'-aws' if for_aws else ''}.zip"
     unzipped = _write_zip(stage, path)
     return LambdaZip(path, runtime, path.stat().st_size / 2**20, unzipped / 2**20)
 
 
-def _pip_install(stage: Path, runtime: str, for_aws: bool) -> None:
+def _pip_install(stage: Path, runtime: str, for_aws: bool, requirements: list[str], *,
+                 no_deps: bool = False) -> None:
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-           "--only-binary=:all:", "--target", str(stage),
-           "-r", str(LAMBDA_SOURCE / "requirements.txt")]
+           "--only-binary=:all:", "--upgrade", "--target", str(stage), *requirements]
+    if no_deps:
+        cmd.append("--no-deps")
     if for_aws:
         version = runtime.removeprefix("python")
         cmd += ["--implementation", "cp", "--python-version", version]
@@ -91,6 +121,51 @@ def _pip_install(stage: Path, runtime: str, for_aws: bool) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"pip could not install the Lambda's requirements:\n{done.stderr}")
+
+
+def target_environment(runtime: str) -> dict[str, str]:
+    """PEP 508 marker environment of a Lambda runtime (Amazon Linux, x86_64, CPython)."""
+    version = runtime.removeprefix("python")
+    return {"python_version": version, "python_full_version": f"{version}.0",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython",
+            "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+            "platform_machine": "x86_64", "extra": ""}
+
+
+def missing_for_target(stage: Path, runtime: str) -> list[str]:
+    """Requirements of the distributions in ``stage`` that the target needs and lacks.
+
+    Reads each ``*.dist-info/METADATA``, evaluates its ``Requires-Dist`` markers for the
+    target runtime and returns those not satisfied by a distribution in ``stage``.
+    """
+    from importlib.metadata import distributions
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    installed = {canonicalize_name(d.metadata["Name"]): d.version
+                 for d in distributions(path=[str(stage)])}
+    env = target_environment(runtime)
+    missing = []
+    for dist in distributions(path=[str(stage)]):
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate(env):
+                continue
+            have = installed.get(canonicalize_name(req.name))
+            if have is None or not req.specifier.contains(have, prereleases=True):
+                missing.append(str(req.name) + str(req.specifier))
+    return sorted(set(missing))
+
+
+def _complete_for_target(stage: Path, runtime: str) -> None:
+    """Install what the target runtime needs that pip left out, until nothing is missing."""
+    for _ in range(5):
+        missing = missing_for_target(stage, runtime)
+        if not missing:
+            return
+        _pip_install(stage, runtime, True, missing, no_deps=True)
+    raise RuntimeError(f"could not complete the Lambda's dependencies for {runtime}: {missing}")
 
 
 def _prune(stage: Path) -> None:
@@ -106,7 +181,8 @@ def _write_zip(stage: Path, path: Path) -> int:
     partial = path.with_suffix(".zip.partial")
     unzipped = 0
     with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        for file in sorted(p for p in stage.rglob("*") if p.is_file()):
+        files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != ".requirements")
+        for file in files:
             info = zipfile.ZipInfo(str(file.relative_to(stage)), date_time=ZIP_DATE)
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
@@ -114,3 +190,124 @@ def _write_zip(stage: Path, path: Path) -> int:
             unzipped += file.stat().st_size
     partial.replace(path)
     return unzipped
+
+
+# ------------------------------------------------------------------------------------------
+# The function's configuration: one source
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """How the function runs. Every value has a reason, given beside it.
+
+    Attributes
+    ----------
+    memory_mb : int
+        ``MemorySize``. A default run (64 x 64 x 32 x 150) peaks at about 220 MB (REPORT
+        lines, notebook 03); memory also buys CPU (one vCPU at 1,769 MB).
+    timeout_s : int
+        ``Timeout``: a safety stop well above a run's duration (10-40 s at this size).
+    ephemeral_mb : int
+        ``EphemeralStorage``: /tmp holds the download and the outputs (512 MB is free).
+    max_concurrency : int
+        Reserved concurrency: at most this many runs at once (a cost cap).
+    retry_attempts : int
+        Retries of a failed asynchronous invocation (AWS allows 0-2).
+    max_event_age_s : int
+        How long an event may wait for a free slot (AWS allows 60 s to 6 h): a study of
+        1,000 runs at a concurrency of 4 needs hours, so the maximum.
+    fwhm_mm : float
+        Smoothing kernel, full width at half maximum (mm).
+    max_input_mb : float
+        Larger uploads get a clear error record instead of an out-of-memory kill.
+    blas_threads : int
+        One BLAS thread: the engine works volume by volume, and extra threads only fight
+        over the function's share of a CPU (measured: 2x the CPU time without this).
+    """
+
+    memory_mb: int = 384
+    timeout_s: int = 120
+    ephemeral_mb: int = 512
+    max_concurrency: int = 4
+    retry_attempts: int = 1
+    max_event_age_s: int = 21600
+    fwhm_mm: float = 6.0
+    max_input_mb: float = 150.0
+    blas_threads: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+HANDLER = "handler.lambda_handler"
+TRIGGER_ID = "preprocess-new-runs"
+PERMISSION_ID = "s3-invoke"
+
+
+def function_environment(cfg: Settings, spec: FunctionSpec) -> dict[str, str]:
+    """The function's environment variables (the handler requires every one of them)."""
+    threads = str(spec.blas_threads)
+    return {"OUTPUT_BUCKET": cfg.output_bucket, "OUTPUT_PREFIX": cfg.output_prefix,
+            "INPUT_PREFIX": cfg.input_prefix, "FWHM_MM": str(spec.fwhm_mm),
+            "MAX_INPUT_MB": str(spec.max_input_mb),
+            "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+
+
+def function_configuration(cfg: Settings, spec: FunctionSpec, *, role_arn: str,
+                           runtime: str) -> dict:
+    """Keyword arguments of ``lambda.create_function`` (all but ``Code`` and ``Tags``); also
+    valid for ``update_function_configuration``."""
+    return dict(FunctionName=cfg.function_name, Role=role_arn, Runtime=runtime,
+                Handler=HANDLER, Timeout=spec.timeout_s, MemorySize=spec.memory_mb,
+                EphemeralStorage={"Size": spec.ephemeral_mb},
+                Description="fMRI preprocessing: motion correction, smoothing, confounds",
+                Environment={"Variables": function_environment(cfg, spec)})
+
+
+def event_invoke_configuration(cfg: Settings, spec: FunctionSpec, *, queue_arn: str) -> dict:
+    """Keyword arguments of ``lambda.put_function_event_invoke_config``: retries, event age
+    and the on-failure destination."""
+    return dict(FunctionName=cfg.function_name, MaximumRetryAttempts=spec.retry_attempts,
+                MaximumEventAgeInSeconds=spec.max_event_age_s,
+                DestinationConfig={"OnFailure": {"Destination": queue_arn}})
+
+
+def invoke_permission(cfg: Settings, *, account_id: str) -> dict:
+    """Keyword arguments of ``lambda.add_permission``: S3 may invoke the function, for events
+    from this workbook's input bucket in this account only."""
+    return dict(FunctionName=cfg.function_name, StatementId=PERMISSION_ID,
+                Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
+                SourceArn=f"arn:aws:s3:::{cfg.input_bucket}", SourceAccount=account_id)
+
+
+def notification_configuration(cfg: Settings, *, function_arn: str) -> dict:
+    """Keyword arguments of ``s3.put_bucket_notification_configuration``: new BOLD runs under
+    the input prefix invoke the function (outputs go to another bucket: no loop)."""
+    return dict(Bucket=cfg.input_bucket, NotificationConfiguration={
+        "LambdaFunctionConfigurations": [{
+            "Id": TRIGGER_ID, "LambdaFunctionArn": function_arn,
+            "Events": ["s3:ObjectCreated:*"],
+            "Filter": {"Key": {"FilterRules": [
+                {"Name": "prefix", "Value": cfg.input_prefix},
+                {"Name": "suffix", "Value": INPUT_SUFFIX}]}}}]})
+
+
+def while_role_propagates(call, *args, attempts: int = 10, delay_s: float = 3.0, **kwargs):
+    """Call ``call(*args, **kwargs)``, retrying while a brand-new role is not usable yet.
+
+    IAM is eventually consistent: for a few seconds after ``create_role`` and
+    ``put_role_policy``, Lambda may answer ``InvalidParameterValueException`` ("The role
+    defined for the function cannot be assumed by Lambda", or "The function's execution role
+    does not have permissions to call SendMessage on SQS"). Anything else is raised at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:  # botocore's modelled exceptions are made per client
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            message = str(exc)
+            propagating = code == "InvalidParameterValueException" and (
+                "assume" in message or "permission" in message)
+            if not propagating or attempt == attempts - 1:
+                raise
+            time.sleep(delay_s)

@@ -1,8 +1,9 @@
 """IAM policy documents for the Lambda's execution role: least privilege, written out.
 
-The role may read objects under the input prefix of the input bucket, write objects under
-the output prefix of the output bucket, write its own logs, and send failed events to its
-own failure queue. Nothing else: no listing, no deleting, no other bucket.
+The role may read objects under the input prefix of the input bucket, write and delete
+objects under the output prefix of the output bucket (a newer result replaces an older one's
+records: one current state per input), write its own logs, and send failed events to its own
+failure queue. Nothing else: no listing, no deleting inputs, no other bucket.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def execution_policy(cfg: Settings, account_id: str) -> dict:
         "Statement": [
             {"Sid": "ReadInputPrefixOnly", "Effect": "Allow", "Action": "s3:GetObject",
              "Resource": f"arn:aws:s3:::{cfg.input_bucket}/{cfg.input_prefix}*"},
-            {"Sid": "WriteOutputPrefixOnly", "Effect": "Allow", "Action": "s3:PutObject",
+            {"Sid": "WriteOutputPrefixOnly", "Effect": "Allow",
+             "Action": ["s3:PutObject", "s3:DeleteObject"],
              "Resource": f"arn:aws:s3:::{cfg.output_bucket}/{cfg.output_prefix}*"},
             {"Sid": "WriteOwnLogs", "Effect": "Allow",
              "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],

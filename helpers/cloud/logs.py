@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 
+from fmri_preproc.contract import LogEvent
 from helpers.cloud.clients import client
 
 REPORT_RE = re.compile(
@@ -34,8 +35,8 @@ def invocations(events: list[dict]) -> list[dict]:
     Returns
     -------
     list of dict
-        ``request_id``, ``key`` (the S3 object it processed, from the handler's "start"
-        line), ``duration_ms``, ``billed_ms``, ``memory_mb``, ``max_memory_mb``,
+        ``request_id``, ``key`` and ``etag`` (the S3 object version it processed, from the
+        handler's start line), ``duration_ms``, ``billed_ms``, ``memory_mb``, ``max_memory_mb``,
         ``error`` (None, or e.g. "Task timed out after 60.00 seconds"), ``error_type``,
         ``start_ms`` and ``end_ms`` (timestamps).
     """
@@ -73,8 +74,8 @@ def _take_line(current: dict, event: dict, records: list[dict]) -> dict:
             line = json.loads(message)
         except ValueError:
             return current
-        if line.get("message") == "start":
-            current["key"] = line.get("key")
+        if line.get("message") == LogEvent.START:
+            current.update(key=line.get("key"), etag=line.get("etag"))
         elif line.get("level") == "ERROR" and line.get("error"):
             current["error"] = line["error"]
     elif message.startswith("[ERROR]"):

@@ -49,7 +49,6 @@ class Settings:
     region: str = DEFAULT_REGION
     retention_days: int = 7
     input_prefix: str = "raw/"
-    input_suffix: str = "_bold.nii.gz"
     output_prefix: str = "derivatives/"
 
     @property

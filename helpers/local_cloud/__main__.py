@@ -15,7 +15,11 @@ def main(argv: list[str]) -> int:
     if args.command == "serve":  # the background process that start() launches
         serve(args.port)
     elif args.command == "start":
-        print(ensure_running()["endpoint"])
+        state = ensure_running()
+        print(state["endpoint"])
+        for lost in state["lost_events"]:
+            print(f"lost when the local cloud last stopped: an event for {lost['function']} "
+                  f"received {lost['received']} ({lost['stage']}, {lost['attempts']} attempts)")
     elif args.command == "status":
         state = find()
         print(f"running at {state['endpoint']}" if state else "not running")

@@ -4,62 +4,58 @@ moto emulates Lambda's control plane but runs function code only in Docker, whic
 rarely have. :func:`install` replaces that runner, in the local cloud's server process, with
 one that behaves like the Lambda service:
 
-- the **same zip** that notebook 02 uploads is extracted into a task directory and run by a
-  fresh interpreter (``python -I -S``: no site-packages, so the zip must carry its own
-  dependencies; boto3 is provided, as the Lambda runtime provides it);
+- the **same zip** that notebook 02 uploads is extracted into a fresh, read-only task
+  directory and run by a fresh interpreter (``python -I -S``: no site-packages, so the zip
+  must carry its own dependencies; boto3 is provided, as the Lambda runtime provides it),
+  as an unprivileged user when the local cloud runs as root (:mod:`~.sandbox`);
 - a clean environment with Lambda's own variables, the function's variables, the **execution
   role's temporary credentials** and ``AWS_ENDPOINT_URL``;
 - the function's **timeout**, counted from the handler's call as on AWS (Init, the imports,
-  has its own 10 s), the process group is then killed; and **memory size** (enforced by
-  watching resident memory; ``setrlimit`` breaks numpy's import);
+  has its own 10 s); **memory size** (resident memory, watched); on request, **ephemeral
+  storage** and **CPU shares** (:mod:`~.aws_behaviour`);
 - START / END / REPORT lines (Duration, Billed Duration, Memory Size, Max Memory Used) in
-  the function's CloudWatch log group, with AWS's wording for timeouts and out-of-memory;
-- S3-triggered invocations are asynchronous: the upload returns at once, the function runs
-  in the background within its reserved concurrency, a failed run is retried
-  ``MaximumRetryAttempts`` times and then sent to the on-failure destination (an SQS queue).
+  the function's CloudWatch log group, with AWS's wording for timeouts, out-of-memory and
+  Init errors;
+- asynchronous events (S3 notifications, ``Invoke`` with ``InvocationType=Event``): the call
+  returns at once, the function runs in the background within its reserved concurrency, a
+  failed run is retried ``MaximumRetryAttempts`` times, an event older than
+  ``MaximumEventAgeInSeconds`` is dropped (when AWS's clock is on), and then it is sent to
+  the on-failure destination (an SQS queue);
+- every event waiting or running is written to a journal under the state folder until its
+  fate is known, so the events a stop cut short can be reported (``control.stop``).
 
-Differences from AWS are listed in the README ("Local cloud vs AWS").
+Differences from AWS are listed in ``docs/local_cloud.md``.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import import_module
 from pathlib import Path
 from typing import Any, Iterator
 
-import psutil
-
-from helpers.local_cloud import moto_adapter
+from helpers.local_cloud import moto_adapter, sandbox
+from helpers.local_cloud.aws_behaviour import CURRENT as BEHAVIOUR
 from helpers.local_cloud.moto_adapter import FunctionView
+from helpers.local_cloud.sandbox import Environments, Limits, Outcome, now_ms
 
-BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
-# What the Lambda Python runtime provides besides the standard library.
-RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "urllib3", "six")
 # Concurrency when the function has no reserved concurrency: this machine's cores.
 DEFAULT_CONCURRENCY = max(os.cpu_count() or 1, 1)
-POLL_S = 0.01
-# As on AWS, the Init phase (importing the handler) may take up to 10 s; the function's
-# timeout runs from the handler's call (a slower Init is retried within the timeout).
-INIT_LIMIT_S = 10.0
-RETRY_DELAYS_S = (1.0, 2.0)  # AWS waits about 1 and 2 minutes; locally we do not.
+STOP_GRACE_S = 10.0
 
 _state: dict[str, Any] = {}
+_stopping = threading.Event()
+
+
+class Stopping(Exception):
+    """The local cloud is stopping: the event is not run (its journal entry stays)."""
 
 
 @dataclass
@@ -78,36 +74,65 @@ class Invocation:
         return self.error_type is not None
 
 
-def install(endpoint: str, work_dir: Path, ca_bundle: Path) -> None:
+def install(endpoint: str, journal_dir: Path, ca_bundle: Path) -> None:
     """Replace moto's Docker runner with this executor (call in the server process).
 
     Parameters
     ----------
     endpoint : str
         The local cloud's URL, handed to the function as ``AWS_ENDPOINT_URL``.
-    work_dir : Path
-        Where task directories (extracted zips) and the runtime directory go.
+    journal_dir : Path
+        A private folder for the journal of asynchronous events not yet settled (one
+        JSON file per event: what :func:`helpers.local_cloud.control.stop` reports lost).
     ca_bundle : Path
         The local cloud's certificate, handed to the function as ``AWS_CA_BUNDLE``.
     """
-    work_dir.mkdir(parents=True, exist_ok=True)
-    _state.update(endpoint=endpoint, work_dir=work_dir, ca_bundle=ca_bundle,
-                  runtime_dir=_runtime_dir(work_dir))
-    moto_adapter.install_hooks(_invoke_sync, _invoke_from_s3)
+    journal_dir.mkdir(mode=0o700, exist_ok=True)
+    sandbox.become_subreaper()
+    _state.update(endpoint=endpoint, journal=journal_dir, envs=Environments(ca_bundle),
+                  threads=set())
+    moto_adapter.install_hooks(_invoke_sync, _on_event)
+
+
+def shutdown() -> None:
+    """Stop: end every run in flight, run nothing more, remove every environment.
+
+    Events that were waiting or running keep their journal entries.
+    """
+    _stopping.set()
+    _THROTTLE.wake_all()
+    sandbox.stop_all()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for thread in list(_state.get("threads", ())):
+        thread.join(timeout=max(deadline - time.monotonic(), 0))
+    sandbox.end_leftovers()
+    if "envs" in _state:
+        _state["envs"].close()
+
+
+def environments_root() -> Path:
+    """The folder holding every execution environment of this server."""
+    return _state["envs"].root
 
 
 def _invoke_sync(fn: FunctionView, event: Any = None) -> tuple[str, bool, str]:
     """The ``Invoke`` API (synchronous): (payload, errored, logs)."""
+    if isinstance(event, (str, bytes)):
+        event = json.loads(event or "{}")
     with _THROTTLE.slot(fn):
         result = run(fn, event if event is not None else {})
     return result.payload, result.errored, "\n".join(result.log_lines)
 
 
-def _invoke_from_s3(fn: FunctionView, event_body: dict) -> None:
-    """S3 notifications are asynchronous on AWS: queue the event and return at once."""
-    if _moto_extra_put(event_body):
+def _on_event(fn: FunctionView, event: dict, source: str) -> None:
+    """Asynchronous invocation: journal the event, return at once, run it in the background."""
+    if source == "s3" and _moto_extra_put(event):
         return
-    threading.Thread(target=_invoke_async, args=(fn, event_body), daemon=True).start()
+    queued = _Queued(fn=fn, event=event, source=source)
+    queued.record("queued")
+    thread = threading.Thread(target=_invoke_async, args=(queued,), daemon=True)
+    _state["threads"].add(thread)
+    thread.start()
 
 
 def _moto_extra_put(event: dict) -> bool:
@@ -121,20 +146,81 @@ def _moto_extra_put(event: dict) -> bool:
             and "-" in record["s3"]["object"].get("eTag", ""))
 
 
-def _invoke_async(fn: FunctionView, event: dict) -> None:
-    """Run an event with AWS's asynchronous semantics: retries, then the failure destination."""
+@dataclass
+class _Queued:
+    """An asynchronous event in Lambda's internal queue, with its journal entry."""
+
+    fn: FunctionView
+    event: dict
+    source: str
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    received: float = field(default_factory=time.monotonic)
+    received_at: str = field(default_factory=lambda: _iso_now())
+    attempts: int = 0
+
+    @property
+    def age_s(self) -> float:
+        return time.monotonic() - self.received
+
+    def record(self, stage: str) -> None:
+        """Write (atomically) where the event is: queued, running, waiting to retry."""
+        entry = {"event_id": self.event_id, "function": self.fn.name,
+                 "function_arn": self.fn.arn, "source": self.source,
+                 "received": self.received_at, "attempts": self.attempts, "stage": stage,
+                 "event": self.event}
+        path = _state["journal"] / f"{self.event_id}.json"
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(entry))
+        os.replace(partial, path)
+
+    def settle(self) -> None:
+        """Its fate is known (succeeded, or sent to the failure destination)."""
+        (_state["journal"] / f"{self.event_id}.json").unlink(missing_ok=True)
+
+
+def _invoke_async(queued: _Queued) -> None:
+    """Run an event with AWS's asynchronous semantics: retries, age, failure destination."""
+    try:
+        _settle_async(queued)
+    except Stopping:
+        pass  # the journal entry stays: the next start reports the event as lost
+    finally:
+        _state["threads"].discard(threading.current_thread())
+
+
+def _settle_async(queued: _Queued) -> None:
+    fn = queued.fn
     config = fn.async_config
     attempts = 1 + int(config.get("MaximumRetryAttempts", 2))
+    result = None
     for attempt in range(attempts):
+        if attempt:
+            queued.record("waiting to retry")
+            delays = BEHAVIOUR.retry_delays_s()
+            _sleep(delays[min(attempt - 1, len(delays) - 1)])
         with _THROTTLE.slot(fn):
-            result = run(fn, event)
+            if _too_old(queued, config):
+                _send_failure(queued, result, "EventAgeExceeded")
+                return
+            queued.attempts += 1
+            queued.record("running")
+            result = run(fn, queued.event)
         if not result.errored:
+            queued.settle()
             return
-        if attempt + 1 < attempts:
-            time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
-    destination = config.get("DestinationConfig", {}).get("OnFailure", {}).get("Destination")
-    if destination:
-        _send_failure(fn, destination, event, result, attempts)
+        if _stopping.is_set():
+            raise Stopping
+    _send_failure(queued, result, "RetriesExhausted")
+
+
+def _too_old(queued: _Queued, config: dict) -> bool:
+    max_age = BEHAVIOUR.max_event_age_s(config)
+    return max_age is not None and queued.age_s > max_age
+
+
+def _sleep(seconds: float) -> None:
+    if _stopping.wait(seconds):
+        raise Stopping
 
 
 class _Throttle:
@@ -148,8 +234,10 @@ class _Throttle:
     def slot(self, fn: FunctionView) -> Iterator[None]:
         arn = fn.arn
         with self._cond:
-            while self._running[arn] >= _concurrency_cap(fn):
+            while self._running[arn] >= _concurrency_cap(fn) and not _stopping.is_set():
                 self._cond.wait()
+            if _stopping.is_set():
+                raise Stopping
             self._running[arn] += 1
         try:
             yield
@@ -157,6 +245,10 @@ class _Throttle:
             with self._cond:
                 self._running[arn] -= 1
                 self._cond.notify_all()
+
+    def wake_all(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
 
 _THROTTLE = _Throttle()
@@ -168,151 +260,109 @@ def _concurrency_cap(fn: FunctionView) -> int:
 
 
 def run(fn: FunctionView, event: Any) -> Invocation:
-    """Run the function once on ``event`` in a fresh interpreter, and log it like Lambda.
+    """Run the function once on ``event`` in a fresh environment, and log it like Lambda.
 
     Parameters
     ----------
     fn : FunctionView
         The function as moto stores it (code, handler, timeout, memory, role, variables).
-    event : dict or str
-        The event; a JSON string is decoded first.
+    event : dict
+        The event.
 
     Returns
     -------
     Invocation
     """
-    if isinstance(event, (str, bytes)):
-        event = json.loads(event or "{}")
+    if _stopping.is_set():
+        raise Stopping
     result = Invocation(request_id=str(uuid.uuid4()))
     stream = _log_stream_name(fn)
-    control = Path(tempfile.mkdtemp(prefix="lambda-control-"))
-    scratch = Path(tempfile.mkdtemp(prefix="lambda-tmp-"))  # the function's /tmp
+    envs: Environments = _state["envs"]
+    request = {"event": event, "request_id": result.request_id, "timeout": fn.timeout_s}
+    run_dir = envs.prepare(result.request_id, fn.code_bytes, request)
     try:
-        task_root = _task_root(fn)
-        env = _environment(fn, task_root, scratch, stream, result.request_id)
-        (control / "event.json").write_text(json.dumps(
-            {"event": event, "request_id": result.request_id, "timeout": fn.timeout_s}))
+        env = _environment(fn, run_dir, stream, result.request_id)
         started = time.monotonic()
-        output, status = _run_process(fn, env, task_root, control)
+        outcome = sandbox.run_process(envs, run_dir, env, _limits(fn), result.request_id)
         result.duration_ms = (time.monotonic() - started) * 1000
-        result.max_memory_mb = status["max_rss_mb"]
-        events = _finish(fn, result, control, output, status)
+        result.max_memory_mb = outcome.max_rss_mb
     finally:
-        shutil.rmtree(control, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
-    _write_logs(fn, stream, events)
+        envs.remove(run_dir)
+    _write_logs(fn, stream, _finish(fn, result, outcome))
     return result
 
 
-def _run_process(fn: FunctionView, env: dict, task_root: Path, control: Path) -> tuple[list, dict]:
-    """Start the bootstrap, enforce timeout and memory, collect output lines with times."""
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-u", str(BOOTSTRAP), str(control)], cwd=task_root, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True)
-    output: list[tuple[int, str]] = []
-    reader = threading.Thread(target=_read_lines, args=(proc.stdout, output), daemon=True)
-    reader.start()
-    limit_bytes = fn.memory_mb * 1024 * 1024
-    init_deadline = time.monotonic() + INIT_LIMIT_S
-    deadline = None  # set when the bootstrap has imported the handler and calls it
-    status = {"timed_out": False, "out_of_memory": False, "max_rss_mb": 0,
-              "start_ms": _now_ms()}
-    peak = 0
-    while True:
-        pid, wait_status = os.waitpid(proc.pid, os.WNOHANG)
-        if pid:
-            status["exit_code"] = os.waitstatus_to_exitcode(wait_status)
-            proc.returncode = status["exit_code"]
-            break
-        peak = max(peak, _tree_rss(proc.pid))
-        if deadline is None and (control / "invoked").exists():
-            deadline = time.monotonic() + fn.timeout_s
-        if peak > limit_bytes:
-            status["out_of_memory"] = True
-        elif time.monotonic() > (deadline or init_deadline + fn.timeout_s):
-            status["timed_out"] = True
-        if status["out_of_memory"] or status["timed_out"]:
-            _kill_group(proc.pid)
-        time.sleep(POLL_S)
-    reader.join(timeout=5)
-    status["max_rss_mb"] = math.ceil(peak / 2**20)
-    if status["out_of_memory"]:
-        status["max_rss_mb"] = min(status["max_rss_mb"], fn.memory_mb)
-    return output, status
+def _limits(fn: FunctionView) -> Limits:
+    """The run's limits: always timeout and memory; storage and CPU when AWS's are on."""
+    return Limits(timeout_s=fn.timeout_s, memory_mb=fn.memory_mb,
+                  ephemeral_mb=fn.ephemeral_mb if BEHAVIOUR.ephemeral_storage else None,
+                  cpu_vcpus=(fn.memory_mb / sandbox.LAMBDA_MB_PER_VCPU
+                             if BEHAVIOUR.cpu_shares else None))
 
 
-def _read_lines(stream: Any, out: list) -> None:
-    for raw in iter(stream.readline, b""):
-        out.append((_now_ms(), raw.decode("utf-8", "replace").rstrip("\n")))
-    stream.close()
-
-
-def _tree_rss(pid: int) -> int:
-    """Peak resident memory of a process plus its children's current, in bytes (0 once gone).
-
-    On Linux the kernel's high-water mark (VmHWM) catches peaks between two polls.
-    (``ru_maxrss`` from wait4 would not do: it counts the server's memory copied at fork.)
-    """
-    try:
-        proc = psutil.Process(pid)
-        own = proc.memory_info().rss
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                hwm = next(line for line in status if line.startswith("VmHWM:"))
-            own = max(own, int(hwm.split()[1]) * 1024)
-        except (OSError, StopIteration):
-            pass  # not Linux: polled RSS only
-        return own + sum(p.memory_info().rss for p in proc.children(recursive=True))
-    except psutil.Error:
-        return 0
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _finish(fn: FunctionView, result: Invocation, control: Path, output: list,
-            status: dict) -> list[tuple[int, str]]:
+def _finish(fn: FunctionView, result: Invocation, outcome: Outcome) -> list[tuple[int, str]]:
     """Set the payload and error type; return the log events (ms, line) Lambda would write."""
     rid = result.request_id
-    lines = [(status["start_ms"], f"START RequestId: {rid} Version: {fn.version}"), *output]
-    outcome_file = control / "result.json"
-    if status["timed_out"]:
-        result.error_type = "Sandbox.Timedout"
+    lines = [(outcome.start_ms, f"START RequestId: {rid} Version: {fn.version}"),
+             *outcome.output]
+    status = None  # the REPORT line's Status: timeout or error
+    message = ""
+    if outcome.timed_out:
+        result.error_type, status = "Sandbox.Timedout", "timeout"
         message = f"Task timed out after {fn.timeout_s:.2f} seconds"
-        lines.append((_now_ms(), f"{_iso_now()} {rid} {message}"))
-    elif status["out_of_memory"]:
-        result.error_type = "Runtime.OutOfMemory"
+        lines.append((now_ms(), f"{_iso_now()} {rid} {message}"))
+    elif outcome.out_of_memory:
+        result.error_type, status = "Runtime.OutOfMemory", "error"
         message = "Runtime exited with error: signal: killed"
-        lines.append((_now_ms(), f"RequestId: {rid} Error: {message}"))
-    elif outcome_file.exists():
-        outcome = json.loads(outcome_file.read_text())
-        result.error_type = outcome.get("errorType")
-        message = outcome.get("errorMessage", "")
-        result.payload = json.dumps(outcome["payload"] if "payload" in outcome else outcome)
+        lines.append((now_ms(), f"RequestId: {rid} Error: {message}"))
+    elif outcome.storage_used_mb is not None:
+        result.error_type, status = "Runtime.ExitError", "error"
+        message = (f"Runtime exited with error: ephemeral storage exhausted: /tmp held "
+                   f"{outcome.storage_used_mb} MB, more than the function's EphemeralStorage "
+                   f"of {fn.ephemeral_mb} MB (on AWS the write fails: [Errno 28] No space "
+                   "left on device)")
+        lines.append((now_ms(), f"RequestId: {rid} Error: {message}"))
+    elif outcome.result is not None:
+        result.error_type = outcome.result.get("errorType")
+        message = outcome.result.get("errorMessage", "")
+        payload = outcome.result.get("payload") if "payload" in outcome.result else {
+            k: v for k, v in outcome.result.items() if k not in ("phase", "initMs")}
+        result.payload = json.dumps(payload)
+        if outcome.result.get("phase") == "init":
+            status = "error"
+            lines.append(_init_report(outcome.result))
     else:
-        result.error_type = "Runtime.ExitError"
-        message = f"Runtime exited with error: exit status {status.get('exit_code')}"
-        lines.append((_now_ms(), f"RequestId: {rid} Error: {message}"))
+        result.error_type, status = "Runtime.ExitError", "error"
+        why = "the local cloud stopped" if outcome.stopped else f"exit status {outcome.exit_code}"
+        message = f"Runtime exited with error: {why}"
+        lines.append((now_ms(), f"RequestId: {rid} Error: {message}"))
     if result.errored and not result.payload:
         result.payload = json.dumps({"errorType": result.error_type, "errorMessage": message})
-    billed = math.ceil(result.duration_ms)
-    if status["timed_out"]:
-        billed = int(fn.timeout_s * 1000)
-    lines.append((_now_ms(), f"END RequestId: {rid}"))
+    billed = int(fn.timeout_s * 1000) if outcome.timed_out else math.ceil(result.duration_ms)
+    lines.append((now_ms(), f"END RequestId: {rid}"))
     report = (f"REPORT RequestId: {rid}\tDuration: {result.duration_ms:.2f} ms\t"
               f"Billed Duration: {billed} ms\tMemory Size: {fn.memory_mb} MB\t"
               f"Max Memory Used: {result.max_memory_mb} MB\t")
-    if status["timed_out"] or status["out_of_memory"]:
-        report += f"Status: {'timeout' if status['timed_out'] else 'error'}\t"
-        report += f"Error Type: {result.error_type}"
-    lines.append((_now_ms(), report))
+    if status:
+        report += f"Status: {status}\tError Type: {_report_error_type(result.error_type)}"
+    lines.append((now_ms(), report))
     result.log_lines = [text for _, text in lines]
     return lines
+
+
+def _init_report(outcome: dict) -> tuple[int, str]:
+    """The INIT_REPORT line of a failed Init, as the Lambda service writes it."""
+    return (now_ms(), f"INIT_REPORT Init Duration: {outcome.get('initMs', 0.0):.2f} ms\t"
+                      f"Phase: invoke\tStatus: error\t"
+                      f"Error Type: {_report_error_type(outcome['errorType'])}")
+
+
+def _report_error_type(error_type: str | None) -> str:
+    """The service's error type: the runtime's own (``Runtime.*``, ``Sandbox.*``), else
+    ``Runtime.Unknown`` (e.g. an exception raised while importing the handler)."""
+    if error_type and error_type.startswith(("Runtime.", "Sandbox.")):
+        return error_type
+    return "Runtime.Unknown"
 
 
 def _write_logs(fn: FunctionView, stream: str, events: list[tuple[int, str]]) -> None:
@@ -325,17 +375,17 @@ def _log_stream_name(fn: FunctionView) -> str:
     return f"{today:%Y/%m/%d}/[{fn.version}]{uuid.uuid4().hex}"
 
 
-def _environment(fn: FunctionView, task_root: Path, scratch: Path, stream: str, rid: str) -> dict:
+def _environment(fn: FunctionView, run_dir: sandbox.RunDir, stream: str, rid: str) -> dict:
     """Lambda's environment: its reserved variables, the function's, the role's credentials."""
     creds = moto_adapter.role_credentials(fn, session_name=fn.name)
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "en_US.UTF-8",
         "TZ": ":UTC",
-        "TMPDIR": str(scratch),
-        "HOME": str(scratch),
-        "LAMBDA_TASK_ROOT": str(task_root),
-        "LAMBDA_RUNTIME_DIR": str(_state["runtime_dir"]),
+        "TMPDIR": str(run_dir.scratch),
+        "HOME": str(run_dir.scratch),
+        "LAMBDA_TASK_ROOT": str(run_dir.task),
+        "LAMBDA_RUNTIME_DIR": str(_state["envs"].runtime_dir),
         "_HANDLER": fn.handler,
         "AWS_EXECUTION_ENV": f"AWS_Lambda_{fn.runtime}",
         "AWS_LAMBDA_FUNCTION_NAME": fn.name,
@@ -349,59 +399,34 @@ def _environment(fn: FunctionView, task_root: Path, scratch: Path, stream: str, 
         "AWS_REGION": fn.region,
         "AWS_DEFAULT_REGION": fn.region,
         "AWS_ENDPOINT_URL": _state["endpoint"],
-        "AWS_CA_BUNDLE": str(_state["ca_bundle"]),
+        "AWS_CA_BUNDLE": str(_state["envs"].ca_bundle),
     }
     env.update(fn.environment)
     env.update(creds)
+    env["AWS_REQUEST_ID"] = rid  # marks the run's processes (sandbox.end_leftovers)
     return env
 
 
-def _task_root(fn: FunctionView) -> Path:
-    """The zip extracted once per code version, like Lambda's /var/task (read-only)."""
-    root = _state["work_dir"] / fn.code_sha256.replace("/", "_").replace("+", "-")
-    if not root.exists():
-        partial = Path(tempfile.mkdtemp(dir=_state["work_dir"], prefix="extracting-"))
-        with zipfile.ZipFile(io.BytesIO(fn.code_bytes)) as archive:
-            archive.extractall(partial)
-        try:
-            partial.rename(root)
-        except OSError:  # another invocation extracted it first
-            shutil.rmtree(partial, ignore_errors=True)
-    return root
-
-
-def _runtime_dir(work_dir: Path) -> Path:
-    """A directory holding what the Lambda runtime provides (boto3 and its dependencies)."""
-    runtime = work_dir / "runtime"
-    runtime.mkdir(exist_ok=True)
-    for name in RUNTIME_PACKAGES:
-        module = import_module(name)
-        source = Path(module.__file__)
-        source = source.parent if source.name == "__init__.py" else source
-        link = runtime / source.name
-        if not link.exists():
-            link.symlink_to(source)
-    return runtime
-
-
-def _send_failure(fn: FunctionView, destination: str, event: dict, result: Invocation,
-                  attempts: int) -> None:
-    """Send a failed asynchronous invocation to its SQS on-failure destination."""
-    record = {
-        "version": "1.0",
-        "timestamp": _iso_now(),
-        "requestContext": {"requestId": result.request_id, "functionArn": fn.arn,
-                           "condition": "RetriesExhausted", "approximateInvokeCount": attempts},
-        "requestPayload": event,
-        "responseContext": {"statusCode": 200, "executedVersion": "$LATEST",
-                            "functionError": "Unhandled"},
-        "responsePayload": json.loads(result.payload) if result.payload else None,
-    }
-    moto_adapter.send_message(destination, json.dumps(record))
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def _send_failure(queued: _Queued, result: Invocation | None, condition: str) -> None:
+    """Send a failed (or too old) asynchronous event to its SQS on-failure destination."""
+    fn = queued.fn
+    destination = (fn.async_config.get("DestinationConfig", {}).get("OnFailure", {})
+                   .get("Destination"))
+    if destination:
+        record = {
+            "version": "1.0",
+            "timestamp": _iso_now(),
+            "requestContext": {"requestId": result.request_id if result else queued.event_id,
+                               "functionArn": fn.arn, "condition": condition,
+                               "approximateInvokeCount": queued.attempts},
+            "requestPayload": queued.event,
+        }
+        if result is not None:
+            record["responseContext"] = {"statusCode": 200, "executedVersion": "$LATEST",
+                                         "functionError": "Unhandled"}
+            record["responsePayload"] = json.loads(result.payload) if result.payload else None
+        moto_adapter.send_message(destination, json.dumps(record))
+    queued.settle()
 
 
 def _iso_now() -> str:

@@ -1,7 +1,8 @@
 """fmri_preproc: the cloud workbook's fMRI preprocessing engine (numpy + nibabel only).
 
 Rigid-body motion correction in world (scanner mm) space, Gaussian smoothing with an FWHM
-in mm, and fMRIPrep-style confounds, written as BIDS-derivatives outputs.
+in mm, and fMRIPrep-style confounds, written as BIDS-derivatives outputs. Every name shared
+with the handler, the helpers and the notebooks is in :mod:`fmri_preproc.contract`.
 
 - Motion parameter convention: :func:`params_to_affine` (module
   :mod:`fmri_preproc.transforms`): ``M(p) = R (p - c) + c + t`` with
@@ -9,13 +10,15 @@ in mm, and fMRIPrep-style confounds, written as BIDS-derivatives outputs.
   ``M`` maps a reference point to the same tissue's position in the moving volume.
 - Non-finite input values are set to 0 and counted in the sidecar; runs that are mostly
   non-finite are rejected (:mod:`fmri_preproc.inputs`).
-- Command line: ``python -m fmri_preproc IN.nii.gz --out DIR [--fwhm MM]``.
+- Command line: ``python -m fmri_preproc sub-01_task-rest_bold.nii.gz --out DIR [--fwhm MM]``
+  writes ``DIR/sub-01/func/...`` (a BIDS derivatives layout).
 """
 
 __version__ = "0.1.0"
 
 from .confounds import dvars, framewise_displacement, motion_expansion  # noqa: E402
-from .inputs import InputError, RunInfo, check_input, load_run, output_name  # noqa: E402
+from .contract import PreprocResult, Run, run_from_key  # noqa: E402
+from .inputs import InputError, RunInfo, check_input, load_run  # noqa: E402
 from .motion import estimate_motion, reslice_volume  # noqa: E402
 from .pipeline import preprocess  # noqa: E402
 from .smoothing import smooth  # noqa: E402
@@ -33,7 +36,9 @@ __all__ = [
     "motion_expansion",
     "dvars",
     "preprocess",
-    "output_name",
+    "PreprocResult",
+    "Run",
+    "run_from_key",
     "InputError",
     "RunInfo",
     "check_input",

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .contract import (DVARS, FRAMEWISE_DISPLACEMENT, MOTION_OUTLIER, MOTION_PARAMS,
+                       NON_STEADY_STATE, STD_DVARS, expansion_names, indexed_column)
+
 __all__ = [
     "framewise_displacement",
     "motion_expansion",
@@ -17,10 +20,9 @@ __all__ = [
     "tsnr",
     "non_steady_state",
     "confounds_table",
+    "confounds_metadata",
     "write_tsv",
 ]
-
-MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
 
 
 def framewise_displacement(params: np.ndarray, *, radius: float = 50.0) -> np.ndarray:
@@ -73,13 +75,11 @@ def motion_expansion(params: np.ndarray) -> dict[str, np.ndarray]:
     if params.ndim != 2 or params.shape[1] != 6:
         raise ValueError("params must have shape (T, 6)")
     columns = {}
-    for k, name in enumerate(MOTION_COLUMNS):
+    for k, base in enumerate(MOTION_PARAMS):
         p = params[:, k]
         d = np.concatenate([[np.nan], np.diff(p)])
-        columns[name] = p
-        columns[f"{name}_derivative1"] = d
-        columns[f"{name}_power2"] = p**2
-        columns[f"{name}_derivative1_power2"] = d**2
+        for name, values in zip(expansion_names(base), (p, d, p**2, d**2)):
+            columns[name] = values
     return columns
 
 
@@ -210,20 +210,58 @@ def confounds_table(
     (``non_steady_state_outlier00``, ...).
     """
     fd = framewise_displacement(params)
-    columns = {"framewise_displacement": fd, "dvars": dvars_values, "std_dvars": std_dvars}
+    columns = {FRAMEWISE_DISPLACEMENT: fd, DVARS: dvars_values, STD_DVARS: std_dvars}
     columns.update(motion_expansion(params))
     n_t = params.shape[0]
     for k in range(n_non_steady):
-        col = np.zeros(n_t)
-        col[k] = 1
-        columns[f"non_steady_state_outlier{k:02d}"] = col
+        columns[indexed_column(NON_STEADY_STATE, k)] = _indicator(n_t, k)
     with np.errstate(invalid="ignore"):
         bad = (np.nan_to_num(fd) > fd_threshold) | (np.nan_to_num(std_dvars) > std_dvars_threshold)
     for k, t in enumerate(np.flatnonzero(bad)):
-        col = np.zeros(n_t)
-        col[t] = 1
-        columns[f"motion_outlier{k:02d}"] = col
+        columns[indexed_column(MOTION_OUTLIER, k)] = _indicator(n_t, t)
     return columns
+
+
+def _indicator(n: int, index: int) -> np.ndarray:
+    column = np.zeros(n)
+    column[index] = 1
+    return column
+
+
+_DESCRIPTIONS = {
+    FRAMEWISE_DISPLACEMENT: ("mm", "Framewise displacement (Power et al. 2012), 50 mm head "
+                                   "radius; first volume n/a."),
+    DVARS: ("a.u.", "RMS of the temporal derivative over the brain mask, median intensity "
+                    "scaled to 1000; first volume n/a."),
+    STD_DVARS: ("", "DVARS divided by its expected value (Nichols 2017); first volume n/a."),
+}
+
+
+def confounds_metadata(columns: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The confounds file's JSON sidecar: a description (and units) of every column.
+
+    fMRIPrep writes one entry per column; ours says what each column is, in what units, and
+    how it was computed.
+    """
+    meta = {}
+    for name in columns:
+        base = next((b for b in MOTION_PARAMS if name.startswith(b)), None)
+        if name in _DESCRIPTIONS:
+            units, text = _DESCRIPTIONS[name]
+        elif base is not None:
+            units = "mm" if base.startswith("trans") else "rad"
+            kind = name[len(base):].lstrip("_") or "parameter"
+            units = units if kind == "parameter" else (f"{units}^2" if "power2" in kind else units)
+            text = (f"Rigid-body {base} ({kind}); translations along and rotations about the "
+                    "world axes, about the field-of-view centre (fmri_preproc.params_to_affine).")
+        elif name.startswith(MOTION_OUTLIER):
+            units, text = "", "Indicator of a volume with FD > 0.5 mm or std_dvars > 1.5."
+        elif name.startswith(NON_STEADY_STATE):
+            units, text = "", "Indicator of a leading volume before steady state."
+        else:
+            units, text = "", ""
+        meta[name] = {"Description": text, **({"Units": units} if units else {})}
+    return meta
 
 
 def write_tsv(path, columns: dict[str, np.ndarray]) -> None:

@@ -148,7 +148,7 @@ class Output:
     entities: dict = field(default_factory=dict)
     suffix: str = "bold"
     extension: str = ".nii.gz"
-    folder: str = ""  # "figures": the subject's figures folder instead of the run's
+    folder: str = ""  # "figures": instead of the run's func/ folder
 
 
 _MNI = {"space": TEMPLATE, "res": TEMPLATE_RES}
@@ -212,12 +212,10 @@ class Run:
     def path(self, kind: str) -> str:
         """Path of output ``kind`` relative to the derivatives root."""
         folder = self.folder
-        if OUTPUTS[kind].folder:  # sub-01/ses-1/func -> sub-01/figures
-            parts = PurePosixPath(folder).parts
-            subject = next((i for i, p in enumerate(parts) if p.startswith("sub-")), None)
-            base = parts[: subject + 1] if subject is not None else parts
-            folder = str(PurePosixPath(*base, OUTPUTS[kind].folder)) if base else \
-                OUTPUTS[kind].folder
+        if OUTPUTS[kind].folder:  # sub-01/[ses-1/]func -> sub-01/[ses-1/]figures
+            parts = list(PurePosixPath(folder).parts)
+            parts = parts[:-1] if parts[-1:] == ["func"] else parts
+            folder = "/".join([*parts, OUTPUTS[kind].folder])
         return f"{folder}/{self.filename(kind)}" if folder else self.filename(kind)
 
     @property
@@ -241,9 +239,11 @@ def run_from_key(key: str) -> Run:
     """The run of an input, from its key relative to the input root (or any path).
 
     The outputs go to ``sub-<label>/[ses-<label>/]func/``, as in a BIDS dataset. A key
-    already in that layout keeps its folders; a flat key (``sub-01_task-rest_bold.nii.gz``)
-    gets them; leading folders that are not part of the layout (``siteA/``) are kept in
-    front, so same-named files in different folders get different outputs.
+    already in that layout (its folder ends in ``func/`` below ``sub-<label>/``) keeps its
+    folders, even when the file name omits the session; a flat key
+    (``sub-01_task-rest_bold.nii.gz``) gets them; leading folders that are not part of the
+    layout (``siteA/``) are kept in front, so same-named files in different folders get
+    different outputs.
 
     Raises
     ------
@@ -254,10 +254,9 @@ def run_from_key(key: str) -> Run:
     source = parse_bids_name(path.name)
     parts = [p for p in path.parent.parts if p not in (".", "")]
     subject, session = source.get("sub"), source.get("ses")
-    if subject:
-        tail = [f"sub-{subject}", *([f"ses-{session}"] if session else []), "func"]
-        if parts[-len(tail):] != tail:
-            parts = parts + tail
+    in_layout = parts[-1:] == ["func"] and f"sub-{subject}" in parts
+    if subject and not in_layout:
+        parts = parts + [f"sub-{subject}", *([f"ses-{session}"] if session else []), "func"]
     return Run(str(path), source, "/".join(parts))
 
 
@@ -345,6 +344,7 @@ class Record:
     SOURCE = "source"
     VERSION_ID = "version_id"
     ETAG = "etag"
+    INPUT_LAST_MODIFIED = "input_last_modified"  # with the ETag: which upload was processed
     FINISHED = "finished"
     DURATION_S = "duration_s"
     ERROR = "error"
@@ -361,7 +361,8 @@ class LogEvent:
     START = "start"
     DONE = "done"
     FAILED = "failed"
-    SKIPPED = "skipped"
+    SKIPPED = "skipped"        # the key is not a BOLD run under the input prefix
+    SUPERSEDED = "superseded"  # a newer upload replaced the input: this run wrote nothing
 
 
 @dataclass(frozen=True)

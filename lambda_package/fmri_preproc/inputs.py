@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["InputError", "RunInfo", "check_input", "load_run", "output_name", "MIN_VOLUMES"]
+__all__ = ["InputError", "RunInfo", "check_input", "load_run", "MIN_VOLUMES"]
 
 MIN_VOLUMES = 4  # motion, FD, DVARS and tSNR need a time series
 MIN_SPATIAL = 4  # voxels per spatial axis, for registration
@@ -67,18 +67,6 @@ class RunInfo:
     @property
     def n_volumes(self) -> int:
         return int(self.shape[3])
-
-
-def output_name(path) -> str:
-    """Input file name without ``_bold.nii.gz`` / ``.nii.gz`` / ``.nii``.
-
-    ``sub-01_task-rest_bold.nii.gz`` -> ``sub-01_task-rest``.
-    """
-    name = Path(path).name
-    for suffix in ("_bold.nii.gz", "_bold.nii", ".nii.gz", ".nii"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _bad(message, cause, action):

@@ -24,14 +24,18 @@ import sys
 import time
 import uuid
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from . import __version__
-from .confounds import brain_mask, confounds_table, dvars, non_steady_state, tsnr, write_tsv
-from .inputs import InputError, load_run, output_name
+from .confounds import (brain_mask, confounds_metadata, confounds_table, dvars, non_steady_state,
+                        tsnr, write_tsv)
+from .contract import (FRAMEWISE_DISPLACEMENT, MOTION_OUTLIER, PreprocResult, Run, Sidecar,
+                       run_from_key)
+from .inputs import InputError, load_run
 from .motion import estimate_motion, reference_index, reslice_volume
 from .smoothing import smooth
 from .transforms import affine_to_params
@@ -62,17 +66,19 @@ def preprocess(
     fwhm: float = 6.0,
     reference="middle",
     max_bytes: int | None = None,
-) -> dict:
+) -> PreprocResult:
     """Preprocess one BOLD run: motion correction, smoothing, confounds.
 
     Parameters
     ----------
     in_file : str or Path
-        4D NIfTI run (``.nii`` or ``.nii.gz``); never modified.
+        4D NIfTI run (``.nii`` or ``.nii.gz``) with a BIDS-style name
+        (``sub-01_task-rest_bold.nii.gz``); never modified.
     out_dir : str or Path
-        Output directory (created if needed).
+        Output directory (created if needed); outputs are written flat, with the names of
+        :data:`fmri_preproc.contract.OUTPUTS`.
     fwhm : float, optional
-        Smoothing FWHM in mm (6 mm by default); 0 for none.
+        Smoothing FWHM in mm (6 mm by default); 0 for none (no smoothed series then).
     reference : {"middle", "first"} or int, optional
         Motion-correction reference volume (``T // 2`` by default).
     max_bytes : int, optional
@@ -80,13 +86,14 @@ def preprocess(
 
     Returns
     -------
-    result : dict
-        ``bold``, ``confounds``, ``sidecar`` (Paths of
-        ``<name>_desc-preproc_bold.nii.gz``, ``<name>_desc-confounds_timeseries.tsv``,
-        ``<name>_desc-preproc_bold.json``) and a summary: ``n_volumes``, ``max_fd_mm``,
-        ``mean_fd_mm``, ``mean_tsnr`` (median over the brain mask, after motion
-        correction, before smoothing), ``n_motion_outliers``, ``n_nonfinite``,
-        ``peak_memory_mb``, ``duration_s``.
+    PreprocResult
+        ``outputs``: kind -> path, for ``preproc_bold`` (realigned, unsmoothed) and its
+        ``preproc_json``, ``smoothed_bold`` and ``smoothed_json`` (when ``fwhm > 0``),
+        ``boldref`` (the reference volume), ``brain_mask``, ``confounds`` and
+        ``confounds_json``. ``summary``: ``n_volumes``, ``reference_volume``,
+        ``max_fd_mm``, ``mean_fd_mm``, ``mean_tsnr`` (median over the brain mask, after
+        motion correction, before smoothing), ``n_motion_outliers``,
+        ``n_non_steady_state``, ``n_nonfinite``, ``peak_memory_mb``, ``duration_s``.
 
     Raises
     ------
@@ -103,7 +110,7 @@ def preprocess(
     if not np.isfinite(fwhm) or fwhm < 0:
         raise ValueError("fwhm must be a finite number >= 0 (mm)")
     out_dir = Path(out_dir)
-    name = output_name(in_file)
+    run = _run_of(in_file)
 
     tic = time.perf_counter()
     data, info, n_nonfinite = load_run(in_file, max_bytes=max_bytes)
@@ -134,7 +141,8 @@ def preprocess(
     timings["reslice_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    mask = brain_mask(data[..., ref])
+    boldref = data[..., ref].copy()
+    mask = brain_mask(boldref)
     dvars_values, std_dvars = dvars(data, mask)
     global_signal = np.array([data[..., t][mask].mean() for t in range(n_volumes)])
     n_non_steady = non_steady_state(global_signal)
@@ -143,55 +151,107 @@ def preprocess(
     mean_tsnr = tsnr(steady, mask) if steady.shape[3] > 1 else float("nan")
     timings["confounds_s"] = time.perf_counter() - tic
 
-    tic = time.perf_counter()
-    if fwhm > 0:
-        smooth(data, affine, fwhm, out=data)  # in place, volume by volume
-    timings["smooth_s"] = time.perf_counter() - tic
-
-    fd = columns["framewise_displacement"]
+    fd = columns[FRAMEWISE_DISPLACEMENT]
     summary = {
         "n_volumes": n_volumes,
         "reference_volume": ref,
         "max_fd_mm": float(np.nanmax(fd)) if n_volumes > 1 else 0.0,
         "mean_fd_mm": float(np.nanmean(fd)) if n_volumes > 1 else 0.0,
         "mean_tsnr": mean_tsnr,
-        "n_motion_outliers": sum(c.startswith("motion_outlier") for c in columns),
+        "n_motion_outliers": sum(c.startswith(MOTION_OUTLIER) for c in columns),
         "n_non_steady_state": n_non_steady,
         "n_nonfinite": n_nonfinite,
     }
 
-    tic = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "bold": out_dir / f"{name}_desc-preproc_bold.nii.gz",
-        "confounds": out_dir / f"{name}_desc-confounds_timeseries.tsv",
-        "sidecar": out_dir / f"{name}_desc-preproc_bold.json",
-    }
-    tmp = {k: p.with_name(f".{uuid.uuid4().hex}.tmp-{p.name}") for k, p in paths.items()}
-    try:
-        img = nib.load(info.path)  # header only: carry orientation, TR and units through
-        header = img.header.copy()
-        header.set_data_dtype(np.float32)
-        out_img = nib.Nifti1Image(data, affine, header=header) if isinstance(
-            header, nib.Nifti1Header) else nib.Nifti2Image(data, affine, header=header)
-        out_img.header.set_slope_inter(1.0, 0.0)
-        out_img.header["descrip"] = b"fmri_preproc: motion corrected, smoothed"
-        _write_nifti_gz(out_img, tmp["bold"])
-        del out_img
+    outputs = {kind: out_dir / run.filename(kind) for kind in _kinds(fwhm)}
+    with _visible_when_complete(outputs) as tmp:
+        tic = time.perf_counter()
+        header = _float_header(info.path)
+        _write_nifti_gz(_image(data, affine, header, "motion corrected"), tmp["preproc_bold"])
+        _write_nifti_gz(_image(boldref, affine, header, "motion reference volume"),
+                        tmp["boldref"])
+        mask_header = header.copy()
+        mask_header.set_data_dtype(np.uint8)
+        _write_nifti_gz(_image(mask.astype(np.uint8), affine, mask_header, "brain mask"),
+                        tmp["brain_mask"])
         write_tsv(tmp["confounds"], columns)
+        _write_json(tmp["confounds_json"], confounds_metadata(columns))
         timings["write_s"] = time.perf_counter() - tic
+        if fwhm > 0:
+            tic = time.perf_counter()
+            smooth(data, affine, fwhm, out=data)  # in place, volume by volume
+            _write_nifti_gz(_image(data, affine, header, f"motion corrected, smoothed "
+                                   f"{fwhm:g} mm"), tmp["smoothed_bold"])
+            timings["smooth_s"] = time.perf_counter() - tic
+        del data
         summary["duration_s"] = time.perf_counter() - start
         summary["peak_memory_mb"] = peak_memory_mb()
-        sidecar = _sidecar(info, fwhm, ref, n_nonfinite, timings, summary)
-        tmp["sidecar"].write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-        # all three are complete: make them visible (the sidecar last)
-        for key in ("bold", "confounds", "sidecar"):
-            os.replace(tmp[key], paths[key])
+        sidecar = _sidecar(info, 0.0, ref, n_nonfinite, timings, summary)
+        _write_json(tmp["preproc_json"], sidecar)
+        if fwhm > 0:
+            _write_json(tmp["smoothed_json"], {**sidecar, Sidecar.SMOOTHING_FWHM: fwhm})
+    return PreprocResult(run=run, outputs=outputs, summary=summary)
+
+
+def _run_of(in_file) -> Run:
+    """The run named by the input file (BIDS-style names only)."""
+    try:
+        return run_from_key(Path(in_file).name)
+    except ValueError as exc:
+        raise InputError(f"{Path(in_file).name} is not named like a BIDS BOLD run.",
+                         cause="Outputs are named from the input's BIDS entities.",
+                         action="Rename it, e.g. sub-01_task-rest_bold.nii.gz.") from exc
+
+
+def _kinds(fwhm: float) -> list[str]:
+    """The outputs written for a run, in the order they are made visible."""
+    kinds = ["preproc_bold", "boldref", "brain_mask", "confounds", "confounds_json"]
+    if fwhm > 0:
+        kinds += ["smoothed_bold", "smoothed_json"]
+    return kinds + ["preproc_json"]
+
+
+@contextmanager
+def _visible_when_complete(outputs: dict):
+    """Yield hidden temporary paths; once all are written, rename them into place.
+
+    Each output appears complete or not at all (``os.replace``), and all of them only after
+    every one was written; on an error none appears and the temporaries are removed.
+    """
+    tmp = {k: p.with_name(f".{uuid.uuid4().hex[:12]}.tmp{''.join(p.suffixes)}")
+           for k, p in outputs.items()}
+    try:
+        yield tmp
+        for kind in outputs:  # insertion order: the preproc sidecar last
+            os.replace(tmp[kind], outputs[kind])
     finally:
-        for p in tmp.values():
-            if p.exists():
-                p.unlink()
-    return {**paths, **summary}
+        for path in tmp.values():
+            if path.exists():
+                path.unlink()
+
+
+def _float_header(path):
+    """The input's header (orientation, TR, units), set for float32 output, unscaled."""
+    header = nib.load(path).header.copy()  # header only: no data read
+    header.set_data_dtype(np.float32)
+    header.set_slope_inter(1.0, 0.0)
+    return header
+
+
+def _image(data, affine, header, description: str):
+    """A NIfTI image of ``data`` with the run's header (NIfTI-1 or -2 as the input)."""
+    kind = nib.Nifti1Image if isinstance(header, nib.Nifti1Header) else nib.Nifti2Image
+    img = kind(data, affine, header=header)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["descrip"] = f"fmri_preproc: {description}"[:79].encode()
+    if data.ndim == 3:
+        img.header.set_xyzt_units(*header.get_xyzt_units())
+    return img
+
+
+def _write_json(path, document: dict) -> None:
+    Path(path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_nifti_gz(img, path) -> None:
@@ -213,15 +273,15 @@ def _write_nifti_gz(img, path) -> None:
 def _sidecar(info, fwhm, ref, n_nonfinite, timings, summary) -> dict:
     """The BIDS JSON sidecar of the preprocessed run."""
     return {
-        "RepetitionTime": info.tr_s,
-        "SkullStripped": False,
-        "Sources": [info.path.name],
-        "SmoothingFWHM": fwhm,
-        "MotionCorrection": {
+        Sidecar.REPETITION_TIME: info.tr_s,
+        Sidecar.SKULL_STRIPPED: False,
+        Sidecar.SOURCES: [info.path.name],
+        Sidecar.SMOOTHING_FWHM: fwhm,
+        Sidecar.REFERENCE_VOLUME: ref,
+        Sidecar.MOTION_CORRECTION: {
             "Method": "rigid-body, least squares with a smooth intensity-gain model, "
                       "inverse-compositional Gauss-Newton (Levenberg-Marquardt damped), "
                       "coarse-to-fine (trilinear then cubic B-spline), world (mm) space",
-            "ReferenceVolume": ref,
             "ParameterConvention": "M(p) = R (p - c) + c + t, R = Rx Ry Rz, c = field-of-view "
                                    "centre; maps reference to moving "
                                    "(fmri_preproc.params_to_affine)",
@@ -234,12 +294,12 @@ def _sidecar(info, fwhm, ref, n_nonfinite, timings, summary) -> dict:
             "voxel_size_mm": list(info.voxel_size_mm),
             "file_bytes": info.file_bytes,
         },
-        "Software": {
+        Sidecar.SOFTWARE: {
             "fmri_preproc": __version__,
             "numpy": np.__version__,
             "nibabel": nib.__version__,
             "python": platform.python_version(),
         },
-        "Timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "Summary": summary,
+        Sidecar.TIMINGS: {k: round(v, 3) for k, v in timings.items()},
+        Sidecar.SUMMARY: summary,
     }
