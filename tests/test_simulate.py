@@ -381,6 +381,7 @@ def study(tmp_path_factory):
     return root, table, config
 
 
+@pytest.mark.slow
 def test_study_writes_a_bids_layout_and_the_truth(study):
     root, table, config = study
     raw, truth = root / "raw", root / "truth"
@@ -404,6 +405,7 @@ def test_study_writes_a_bids_layout_and_the_truth(study):
     assert not list(root.glob(".*partial*"))
 
 
+@pytest.mark.slow
 def test_a_new_study_replaces_the_old_one(tmp_path):
     config = simulate.study_config("realistic", **{**STUDY, "n_subjects": 2})
     simulate.simulate_study(tmp_path, config, seed=1, n_jobs=1)
@@ -417,6 +419,7 @@ def replace_subjects(config, n):
     return replace(config, n_subjects=n)
 
 
+@pytest.mark.slow
 def test_same_seed_writes_the_same_files(tmp_path):
     config = simulate.study_config("realistic", n_subjects=1, shape=(20, 20, 12), n_volumes=12)
     for name in ("a", "b"):
