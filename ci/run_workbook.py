@@ -28,7 +28,8 @@ CI_PARAMETERS = ROOT / "ci" / "parameters.yaml"
 CELL_TIMEOUT_S = 900  # a cell stuck (e.g. waiting on a widget) fails the run instead of hanging
 
 
-def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = None) -> list[dict]:
+def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = None,
+               overrides: dict | None = None) -> list[dict]:
     """Execute every notebook in order; return one summary per notebook.
 
     Parameters
@@ -39,6 +40,9 @@ def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = No
         Use the small parameters of ``ci/parameters.yaml``.
     only : list of str, optional
         Run only notebooks whose names start with these prefixes (e.g. ``["00", "01"]``).
+    overrides : dict, optional
+        ``{notebook stem: {parameter: value}}``, applied over the CI parameters (e.g. another
+        dataset for notebook 03's ``bids_dir``).
 
     Returns
     -------
@@ -46,6 +50,8 @@ def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = No
         ``notebook``, ``seconds``, ``stderr`` (text the notebook wrote to stderr).
     """
     params = yaml.safe_load(CI_PARAMETERS.read_text()) if ci else {}
+    for stem, changes in (overrides or {}).items():
+        params[stem] = {**(params.get(stem) or {}), **changes}
     (build_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     (build_dir / "html").mkdir(parents=True, exist_ok=True)
     summaries = []
@@ -91,10 +97,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ci", action="store_true", help="small CI parameters")
     parser.add_argument("--build-dir", type=Path, default=ROOT / "build")
     parser.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 01")
+    parser.add_argument("--parameters", type=Path,
+                        help="YAML {notebook: {parameter: value}} over the CI parameters")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        summaries = run_series(args.build_dir, ci=args.ci, only=args.only)
+        overrides = yaml.safe_load(args.parameters.read_text()) if args.parameters else None
+        summaries = run_series(args.build_dir, ci=args.ci, only=args.only, overrides=overrides)
     except papermill.PapermillExecutionError as exc:
         from helpers import local_cloud
         local_cloud.stop()

@@ -11,12 +11,13 @@ from fmri_preproc.contract import (OUTPUTS, input_problem, parse_bids_name, run_
      "sub-01/ses-2/func", "sub-01_ses-2_task-rest_acq-mb_run-3_echo-1"),
     ("siteA/sub-01_task-rest_bold.nii.gz", "siteA/sub-01/func", "sub-01_task-rest"),
     ("siteA/sub-01/func/sub-01_task-rest_bold.nii.gz", "siteA/sub-01/func", "sub-01_task-rest"),
-    # the session folder is kept when the file name leaves the session out
-    ("sub-02/ses-2/func/sub-02_task-rest_bold.nii.gz", "sub-02/ses-2/func", "sub-02_task-rest"),
+    # the session folder is kept (and named) when the file name leaves the session out
+    ("sub-02/ses-2/func/sub-02_task-rest_bold.nii.gz", "sub-02/ses-2/func",
+     "sub-02_ses-2_task-rest"),
 ])
 def test_run_folder_and_id_keep_every_entity_and_folder(key, folder, stem):
     run = run_from_key(key)
-    assert (run.folder, run.source.stem, run.id) == (folder, stem, f"{folder}/{stem}")
+    assert (run.folder, run.name.stem, run.id) == (folder, stem, f"{folder}/{stem}")
 
 
 def test_no_two_inputs_share_an_output():
@@ -69,3 +70,10 @@ def test_sidecar_sits_next_to_the_input():
 def test_input_problem_says_why_a_key_is_not_processed(key, hint):
     problem = input_problem(f"raw/{key}")
     assert (problem is None) if hint is None else (hint in problem)
+
+
+def test_outputs_carry_the_session_of_the_folder_when_the_name_leaves_it_out():
+    run = run_from_key("sub-02/ses-2/func/sub-02_task-rest_run-1_bold.nii.gz")
+    assert run.filename("preproc_bold") == "sub-02_ses-2_task-rest_run-1_desc-preproc_bold.nii.gz"
+    assert run.sidecar_key() == "sub-02/ses-2/func/sub-02_task-rest_run-1_bold.json"  # as given
+    assert run.id == "sub-02/ses-2/func/sub-02_ses-2_task-rest_run-1"

@@ -183,20 +183,25 @@ class Run:
     key : str
         The input's path relative to the input root (the S3 key without the input prefix).
     source : BidsName
-        The input's parsed name.
+        The input's parsed name (its sidecar has the same name).
     folder : str
         The derivatives folder of its outputs, relative to the derivatives root.
+    name : BidsName
+        The entities its outputs are named with: the source's, plus the session of its
+        folder when the file name leaves it out (``sub-02/ses-2/func/sub-02_task-rest``
+        becomes ``sub-02_ses-2_task-rest``), so outputs are valid BIDS and never collide.
     """
 
     key: str
     source: BidsName
     folder: str
+    name: BidsName
 
     @property
     def id(self) -> str:
-        """Unique name of the run: ``<folder>/<source entities>``, e.g.
+        """Unique name of the run: ``<folder>/<entities>``, e.g.
         ``sub-01/ses-1/func/sub-01_ses-1_task-rest_run-1``."""
-        return f"{self.folder}/{self.source.stem}" if self.folder else self.source.stem
+        return f"{self.folder}/{self.name.stem}" if self.folder else self.name.stem
 
     @property
     def subject(self) -> str | None:
@@ -205,8 +210,8 @@ class Run:
     def filename(self, kind: str) -> str:
         """File name of output ``kind`` (a key of :data:`OUTPUTS`)."""
         spec = OUTPUTS[kind]
-        name = self.source.with_entities(suffix=spec.suffix, extension=spec.extension,
-                                         **{**{"desc": None}, **spec.entities})
+        name = self.name.with_entities(suffix=spec.suffix, extension=spec.extension,
+                                       **{**{"desc": None}, **spec.entities})
         return str(name)
 
     def path(self, kind: str) -> str:
@@ -257,7 +262,12 @@ def run_from_key(key: str) -> Run:
     in_layout = parts[-1:] == ["func"] and f"sub-{subject}" in parts
     if subject and not in_layout:
         parts = parts + [f"sub-{subject}", *([f"ses-{session}"] if session else []), "func"]
-    return Run(str(path), source, "/".join(parts))
+    name = source
+    if subject and not session and in_layout:
+        below = parts[parts.index(f"sub-{subject}") + 1:-1]
+        if len(below) == 1 and below[0].startswith("ses-"):
+            name = source.with_entities(ses=below[0].removeprefix("ses-"))
+    return Run(str(path), source, "/".join(parts), name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,8 +275,13 @@ def run_from_key(key: str) -> Run:
 
 PIPELINE_NAME = "fmri_preproc"
 DATASET_DESCRIPTION = "dataset_description.json"
-#: Files in the derivatives dataset that BIDS does not define (the validator skips them).
-BIDSIGNORE = (".bidsignore", f"*{DONE_SUFFIX}\n*{ERROR_SUFFIX}\n")
+#: Files in the derivatives dataset the BIDS schema does not define yet (the validator skips
+#: them): our markers and records, and names fMRIPrep writes from the functional derivatives
+#: proposal (BEP 012) that schema 2.0 (BIDS 1.11) does not include yet.
+BIDSIGNORE = (".bidsignore", "\n".join([
+    "# markers and error records of the cloud function", f"*{DONE_SUFFIX}", f"*{ERROR_SUFFIX}",
+    "# fMRIPrep's names not yet in the BIDS schema (BEP 012): confounds, boldref, transforms",
+    "*_timeseries.tsv", "*_timeseries.json", "*_boldref.nii.gz", "*_xfm.txt", "*/figures/", ""]))
 
 
 def derivatives_description(version: str, *, source_url: str | None = None) -> dict:
