@@ -544,7 +544,8 @@ def _clean_one(cfg: Settings, wait_timeout_s: float) -> list:
     except CleanupIncomplete as exc:
         lines, errors = exc.steps, exc.errors
     print("\n".join(f"  {line}" for line in lines))
-    return errors + wait_until_gone(cfg, timeout_s=wait_timeout_s)
+    # After a failed step waiting cannot help: one look, to list what is there.
+    return errors + wait_until_gone(cfg, timeout_s=0 if errors else wait_timeout_s)
 
 
 if __name__ == "__main__":

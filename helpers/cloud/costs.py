@@ -175,7 +175,7 @@ def _s3_requests(cfg: Settings, inputs: list[dict], outputs: list[dict], runs: l
     puts = (sum(upload_requests(o) for o in inputs + own)
             + len(runs) * sum(upload_requests(o) for o in top))
     pages = math.ceil(len(inputs) / LIST_PAGE) or 1, math.ceil(len(outputs) / LIST_PAGE) or 1
-    puts += polls * sum(pages) + pages[1]  # the status table's LISTs; notebook 04's listing
+    puts += polls * sum(pages) + (pages[1] if outputs else 0)  # status table; notebook 04
     records = [o for o in own if o["Key"].endswith(("_done.json", "_error.json"))]
     gets = (len(runs)                      # the function reads its input once per attempt
             + len(own)                     # and HEADs it before each write
