@@ -9,7 +9,7 @@ import pytest
 from helpers.cloud.clients import client
 from helpers.cloud.costs import (GB, HOURS_PER_MONTH, LAMBDA_MB_PER_VCPU, PRICES, PRICES_DATE,
                                  compute_cost, cpu_bound_seconds, download_requests,
-                                 run_cost, upload_requests)
+                                 month_cost, run_cost, upload_requests)
 from helpers.cloud.iam import lambda_trust_policy
 from helpers.cloud.logs import invocations
 from helpers.cloud.settings import Settings
@@ -193,3 +193,14 @@ def test_gb_seconds_stay_flat_below_one_vcpu():
     assert above == pytest.approx(10.0)  # one thread gets no faster: GB-s double
     assert compute_cost(10.0, 1024, arm64=True) == pytest.approx(0.8 * compute_cost(10.0, 1024),
                                                                   rel=1e-4)
+
+
+def test_a_month_of_many_runs_uses_up_the_free_tier_line_by_line(workbook):
+    costs = workbook["costs"]
+    list_price, after = month_cost(costs, 1.0)
+    assert list_price == pytest.approx(costs["cost_usd"].iloc[-1])
+    assert after == pytest.approx(costs["after_free_tier_usd"].iloc[-1])
+    compute = item(costs, "Lambda compute")
+    factor = 2 * 400_000 / compute["quantity"]  # twice the free GB-s
+    _, after = month_cost(costs, factor)
+    assert after >= 400_000 * PRICES["lambda_gb_second"].usd  # half of it is paid

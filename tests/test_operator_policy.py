@@ -221,3 +221,14 @@ def test_operator_policy_grants_nothing_unused(cfg):
     used = {a.lower() for call in boto3_calls() for a in iam_actions(*call)}
     granted = {a.lower() for s in operator_policy(cfg, ACCOUNT)["Statement"] for a in s["Action"]}
     assert granted - used == set()
+
+
+def test_the_setup_guide_shows_this_policy():
+    """docs/setup_guide.md prints the operator policy with placeholders: the same policy."""
+    guide = (ROOT / "docs" / "setup_guide.md").read_text()
+    section = guide[guide.index("## 0. Your own permissions"):]
+    shown = section[section.index("```json") + len("```json"):section.index("```\n", section.index("```json") + 7)]
+    cfg = Settings(mode="aws", workbook_id="fmriwb-x", region="us-east-1")
+    expected = json.dumps(operator_policy(cfg, "111122223333"), indent=2)
+    assert json.loads(shown) == json.loads(
+        expected.replace("us-east-1", "<region>").replace("111122223333", "<account>"))

@@ -132,6 +132,16 @@ def _table(items: list[tuple[str, float, Price]]) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame([total])], ignore_index=True)[columns]
 
 
+def month_cost(costs: pd.DataFrame, factor: float) -> tuple[float, float]:
+    """(list price, after the free tier) in USD of ``factor`` times a :func:`run_cost`
+    table's usage in one month, in an account that uses nothing else that month."""
+    lines = costs.iloc[:-1]
+    quantity = lines["quantity"].astype(float) * factor
+    billable = (quantity - lines["free_per_month"].astype(float)).clip(lower=0)
+    return (float((quantity * lines["unit_price_usd"]).sum()),
+            float((billable * lines["unit_price_usd"]).sum()))
+
+
 def _objects(bucket: str) -> list[dict]:
     """The bucket's objects; none if it is gone (a re-run after cleanup)."""
     try:
