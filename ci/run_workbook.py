@@ -8,11 +8,17 @@ Usage::
 Executed notebooks go to ``build/notebooks/``, HTML copies to ``build/html/``. The run stops
 at the first failing notebook (its executed copy and HTML still show where it failed), and
 the local cloud is stopped in that case so no background process is left behind.
+
+Account ids are redacted in every executed copy and its HTML, in every mode: a 12-digit
+number in a cell's output (an ARN, ``get_caller_identity``) becomes ``<account-id>``, so
+executed notebooks can be shared without telling which AWS account made them. (The local
+cloud's account, 123456789012, is redacted too: one rule, the same outputs in both modes.)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 CI_PARAMETERS = ROOT / "ci" / "parameters.yaml"
 CELL_TIMEOUT_S = 900  # a cell stuck (e.g. waiting on a widget) fails the run instead of hanging
+# A 12-digit AWS account id, not part of a longer number (a 13-digit timestamp in ms).
+ACCOUNT_ID_RE = re.compile(r"(?<![0-9])[0-9]{12}(?![0-9])")
+REDACTED = "<account-id>"
 
 
 def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = None,
@@ -70,12 +79,52 @@ def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = No
                 extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
         finally:
             if executed.exists():
+                redact_account_ids(executed)
                 _export_html(executed, build_dir / "html" / f"{notebook.stem}.html")
         summaries.append({"notebook": notebook.name,
                           "seconds": round(time.monotonic() - started, 1),
                           "stderr": _stderr_text(executed)})
         print(f"{notebook.name}: {summaries[-1]['seconds']} s", flush=True)
     return summaries
+
+
+def redact_account_ids(executed: Path) -> int:
+    """Replace account ids in the outputs of an executed notebook, in place.
+
+    Outputs change (stream text, every text-like display format, error values and
+    tracebacks), and so do the parameters papermill injected (e.g. ``existing_role_arn``);
+    the notebook's own source cells stay as written. Returns how many ids were replaced.
+    """
+    nb = nbformat.read(executed, as_version=4)
+    count = 0
+
+    def scrub(value):
+        nonlocal count
+        if isinstance(value, str):
+            value, n = ACCOUNT_ID_RE.subn(REDACTED, value)
+            count += n
+        elif isinstance(value, list):
+            value = [scrub(item) for item in value]
+        elif isinstance(value, dict):
+            value = {key: scrub(item) for key, item in value.items()}
+        return value
+
+    papermill_meta = nb.metadata.get("papermill", {})
+    if "parameters" in papermill_meta:
+        papermill_meta["parameters"] = scrub(dict(papermill_meta["parameters"]))
+    for cell in nb.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.source = scrub(cell.source)
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if "text" in output:
+                output["text"] = scrub(output["text"])
+            for mime, data in output.get("data", {}).items():
+                if mime.startswith("text/") or mime.endswith(("json", "javascript")):
+                    output["data"][mime] = scrub(data)
+            if output.get("output_type") == "error":
+                output["evalue"], output["traceback"] = scrub(output["evalue"]), scrub(output["traceback"])
+    nbformat.write(nb, executed)
+    return count
 
 
 def _export_html(executed: Path, html: Path) -> None:

@@ -5,6 +5,7 @@ own; the tests then read back what exists, run one real invocation, and clean up
 run in file order: inspect, then delete.
 """
 import json
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from fmri_preproc.contract import INPUT_SUFFIX
 from helpers.cloud.cleanup import delete_all, find_leftovers
 from helpers.cloud.clients import client
 from helpers.cloud.logs import invocations, log_events
-from helpers.cloud.settings import Settings
+from helpers.cloud.settings import ROLE_PATH, Settings
 from pipeline_fixtures import wait_until
 from private_cloud import ROOT, private_cloud, run_module, sandbox_env
 
@@ -44,10 +45,10 @@ def cfg(sandbox):
 
 @pytest.fixture(scope="module")
 def invoked(cfg):
-    """One real invocation of the deployed function (a bad input: it writes an error record)."""
+    """One real invocation of the deployed function (a bad input: it writes an error record),
+    finished and logged (notebook 02's test call has a REPORT line of its own)."""
     key = f"{cfg.input_prefix}sub-x_bold.nii.gz"
     client("s3").put_object(Bucket=cfg.input_bucket, Key=key, Body=b"not a NIfTI file")
-    # its own REPORT line (notebook 02's test call wrote one already)
     reported = lambda: any(r.get("key") == key for r in invocations(log_events(cfg.log_group)))  # noqa: E731
     assert wait_until(reported, timeout=60), "the function did not run"
     return cfg
@@ -85,6 +86,26 @@ def test_names_come_from_the_workbook_id(cfg):
         cfg.policy_name]
     assert client("iam").list_attached_role_policies(RoleName=cfg.role_name)[
         "AttachedPolicies"] == []  # no managed policy such as AmazonS3FullAccess
+    # Under the workbook's path: cleanup lists that path, not every role of the account.
+    assert client("iam").get_role(RoleName=cfg.role_name)["Role"]["Path"] == ROLE_PATH
+
+
+def test_log_retention_is_a_value_cloudwatch_accepts(cfg):
+    (group,) = [g for g in client("logs").describe_log_groups(
+        logGroupNamePrefix=cfg.log_group)["logGroups"] if g["logGroupName"] == cfg.log_group]
+    assert group["retentionInDays"] == cfg.log_retention_days
+
+
+def test_executed_notebooks_do_not_show_the_account_id(sandbox):
+    """ci/run_workbook.py redacts 12-digit account ids (ARNs, get_caller_identity) in the
+    executed copies and their HTML; the local cloud's account is 123456789012."""
+    account = client("sts").get_caller_identity()["Account"]
+    for name in ("01_create_buckets_and_role", "02_package_and_deploy_lambda"):
+        executed = (sandbox / "build" / "notebooks" / f"{name}.ipynb").read_text()
+        html = (sandbox / "build" / "html" / f"{name}.html").read_text()
+        assert account not in executed and account not in html, name
+        assert not re.search(r"(?<![0-9])[0-9]{12}(?![0-9])", html), name
+        assert "<account-id>" in executed, name  # the ARNs were there, redacted
 
 
 @pytest.mark.parametrize("which", ["input_bucket", "output_bucket"])
@@ -97,7 +118,7 @@ def test_buckets_are_locked_down(cfg, which):
     assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
     (expiry,) = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
     assert expiry["Status"] == "Enabled" and expiry["Filter"] == {"Prefix": ""}
-    assert expiry["Expiration"]["Days"] == cfg.retention_days
+    assert expiry["Expiration"]["Days"] == cfg.object_expiry_days
     assert "Status" not in s3.get_bucket_versioning(Bucket=bucket)  # never turned on
 
 
@@ -154,7 +175,13 @@ def test_cleanup_deletes_every_version_and_leaves_nothing(invoked):
     assert len(versions["Versions"]) >= 2 and versions["DeleteMarkers"]
 
     steps = delete_all(cfg)
-    assert all(step.endswith(": deleted") for step in steps), steps
+    stopping, deleting = steps[:3], steps[3:]
+    assert stopping == [f"trigger on {cfg.input_bucket}: removed",
+                        f"new runs of {cfg.function_name}: stopped (reserved concurrency 0)",
+                        "runs in flight: none"]
+    assert [step.split(" ")[0] for step in deleting] == [  # the function before its log group
+        "function", "log", "bucket", "bucket", "queue", "role"]
+    assert all(step.endswith(": deleted") for step in deleting), steps
     assert find_leftovers(cfg) == []
     assert tagged_arns(cfg) == set()
     names = {b["Name"] for b in s3.list_buckets()["Buckets"]}
@@ -163,7 +190,8 @@ def test_cleanup_deletes_every_version_and_leaves_nothing(invoked):
 
 def test_cleanup_is_safe_to_rerun(invoked):
     steps = delete_all(invoked)
-    assert all(step.endswith(": already gone") for step in steps), steps
+    assert "runs in flight: none (no function)" in steps
+    assert all(step.endswith(": already gone") for step in steps if not step.startswith("runs")), steps
     assert find_leftovers(invoked) == []
 
 
@@ -212,14 +240,14 @@ def test_cli_cleans_up_a_half_finished_workbook(invoked, sandbox):
     assert len(find_leftovers(half)) == 2
     done = run_module(sandbox, "helpers.cloud.cleanup", "--workbook-id", half.workbook_id)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"bucket {half.input_bucket}: deleted" in done.stdout
+    assert f"bucket {half.input_bucket} (every object version first): deleted" in done.stdout
     assert f"function {half.function_name}" in done.stdout and "already gone" in done.stdout
     assert "Nothing is left." in done.stdout
     assert find_leftovers(half) == []
 
 
 @pytest.mark.parametrize("extra,env,refusal", [
-    ([], {}, "aws_confirm"),                     # no confirmation
+    ([], {}, "pass --yes"),                      # no confirmation
     (["--yes"], {"CI": "true"}, "never"),        # confirmed, but under CI
 ])
 def test_cli_refuses_aws_without_opt_in_or_under_ci(sandbox, extra, env, refusal):
@@ -227,3 +255,18 @@ def test_cli_refuses_aws_without_opt_in_or_under_ci(sandbox, extra, env, refusal
                       "fmriwb-nothere", *extra, env=env)
     assert done.returncode != 0
     assert "AwsModeRefused" in done.stderr and refusal in done.stderr
+
+
+def test_notebook_05_runs_again_after_cleanup(invoked, sandbox):
+    """After cleanup (the tests above), notebook 05 twice: once with the saved id, whose
+    buckets and logs are gone, then with a fresh id. Costs are zero, every deletion is
+    "already gone", nothing is left, and neither run fails."""
+    for run in ("saved id", "fresh id"):
+        done = subprocess.run(
+            [sys.executable, "ci/run_workbook.py", "--ci", "--only", "05", "--build-dir",
+             str(sandbox / "build")], cwd=ROOT, env=sandbox_env(sandbox), capture_output=True,
+            text=True, timeout=600)
+        assert done.returncode == 0, f"{run}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        report = json.loads((sandbox / "build" / "results" / "cleanup_report.json").read_text())
+        assert report["remaining"] == [] and report["cost_usd"] == 0, run
+    assert report["workbook_id"] != invoked.workbook_id

@@ -18,7 +18,7 @@ class MissingResources(RuntimeError):
 
 
 def open_session(mode: str = "local", aws_confirm: bool = False, *,
-                 needs: tuple[str, ...] = ()) -> Settings:
+                 needs: tuple[str, ...] = (), region: str | None = None) -> Settings:
     """Load settings, connect to the local cloud or AWS, and check prerequisites.
 
     Parameters
@@ -29,6 +29,9 @@ def open_session(mode: str = "local", aws_confirm: bool = False, *,
         The notebook's explicit opt-in for ``mode="aws"``.
     needs : tuple of str
         Resources made by earlier notebooks that this one uses (keys of ``NEEDS``).
+    region : str, optional
+        aws mode, a new workbook only: its region (default: boto3's own resolution, i.e.
+        ``AWS_REGION``/``AWS_DEFAULT_REGION`` or your profile's region, SSO included).
 
     Returns
     -------
@@ -39,7 +42,7 @@ def open_session(mode: str = "local", aws_confirm: bool = False, *,
     MissingResources
         With the notebook to re-run, e.g. after the local cloud was stopped or restarted.
     """
-    cfg = load_settings(mode, aws_confirm=aws_confirm)
+    cfg = load_settings(mode, aws_confirm=aws_confirm, region=region)
     if mode == "local":
         state = local_cloud.ensure_running()
         where = f"the local cloud at {state['endpoint']} (emulated: no account, no cost)"
