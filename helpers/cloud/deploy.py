@@ -277,7 +277,8 @@ def invoke_permission(cfg: Settings, *, account_id: str) -> dict:
     from this workbook's input bucket in this account only."""
     return dict(FunctionName=cfg.function_name, StatementId=PERMISSION_ID,
                 Action="lambda:InvokeFunction", Principal="s3.amazonaws.com",
-                SourceArn=f"arn:aws:s3:::{cfg.input_bucket}", SourceAccount=account_id)
+                SourceArn=f"arn:{cfg.partition}:s3:::{cfg.input_bucket}",
+                SourceAccount=account_id)
 
 
 def notification_configuration(cfg: Settings, *, function_arn: str) -> dict:

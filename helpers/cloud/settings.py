@@ -153,11 +153,6 @@ class Settings:
         return f"{self.workbook_id}-failed-invocations"
 
     @property
-    def retention_days(self) -> int:
-        """Deprecated name of :attr:`log_retention_days` (notebook 02 reads it)."""
-        return self.log_retention_days
-
-    @property
     def tags(self) -> dict[str, str]:
         """The tag set every resource gets, so it can be found again by tag."""
         return {"project": TAG_PROJECT, "workbook-id": self.workbook_id}
