@@ -141,7 +141,8 @@ def test_write_log_events_fills_the_functions_log_group(aws):
     _function()
     now = int(time.time() * 1000)
     lines = [(now, "START x"), (now + 5, "REPORT x")]
-    moto_adapter.write_log_events(_view(), "2026/01/01/[$LATEST]abc", lines)
+    moto_adapter.write_log_events(_view(), "2026/01/01/[$LATEST]abc", lines[:1])
+    moto_adapter.write_log_events(_view(), "2026/01/01/[$LATEST]abc", lines[1:])  # appended
     events = _client("logs").get_log_events(logGroupName="/aws/lambda/contract",
                                             logStreamName="2026/01/01/[$LATEST]abc",
                                             startFromHead=True)["events"]

@@ -280,6 +280,8 @@ def run(fn: FunctionView, event: Any) -> Invocation:
     envs: Environments = _state["envs"]
     request = {"event": event, "request_id": result.request_id, "timeout": fn.timeout_s}
     run_dir = envs.prepare(result.request_id, fn.code_bytes, request)
+    # START is in the log while the run is going, as on AWS (a run in flight is visible)
+    _write_logs(fn, stream, [(now_ms(), _start_line(fn, result.request_id))])
     try:
         env = _environment(fn, run_dir, stream, result.request_id)
         started = time.monotonic()
@@ -288,8 +290,12 @@ def run(fn: FunctionView, event: Any) -> Invocation:
         result.max_memory_mb = outcome.max_rss_mb
     finally:
         envs.remove(run_dir)
-    _write_logs(fn, stream, _finish(fn, result, outcome))
+    _write_logs(fn, stream, _finish(fn, result, outcome)[1:])  # START is there already
     return result
+
+
+def _start_line(fn: FunctionView, request_id: str) -> str:
+    return f"START RequestId: {request_id} Version: {fn.version}"
 
 
 def _limits(fn: FunctionView) -> Limits:
@@ -303,8 +309,7 @@ def _limits(fn: FunctionView) -> Limits:
 def _finish(fn: FunctionView, result: Invocation, outcome: Outcome) -> list[tuple[int, str]]:
     """Set the payload and error type; return the log events (ms, line) Lambda would write."""
     rid = result.request_id
-    lines = [(outcome.start_ms, f"START RequestId: {rid} Version: {fn.version}"),
-             *outcome.output]
+    lines = [(outcome.start_ms, _start_line(fn, rid)), *outcome.output]
     status = None  # the REPORT line's Status: timeout or error
     message = ""
     if outcome.timed_out:

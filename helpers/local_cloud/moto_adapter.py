@@ -121,10 +121,12 @@ def install_hooks(on_invoke: Callable[[FunctionView, Any], tuple[str, bool, str]
 
 
 def write_log_events(function: FunctionView, stream: str, events: list[tuple[int, str]]) -> None:
-    """Append ``(timestamp_ms, line)`` events to a new stream of the function's log group."""
+    """Append ``(timestamp_ms, line)`` events to a stream of the function's log group (made
+    with the group on the first write, as the Lambda service does)."""
     backend = function._fn.logs_backend
     backend.ensure_log_group(function.log_group)
-    backend.create_log_stream(function.log_group, stream)
+    if stream not in backend.groups[function.log_group].streams:
+        backend.create_log_stream(function.log_group, stream)
     backend.put_log_events(function.log_group, stream,
                            [{"timestamp": ts, "message": line} for ts, line in events])
 
