@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import platform
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "_work" / "fanout"
 os.environ["WORKBOOK_BUILD_DIR"] = str(WORK / "build")  # a local cloud of its own
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' deployed pipeline, reused
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,14 +33,10 @@ from scipy import ndimage  # noqa: E402
 
 from helpers import local_cloud  # noqa: E402
 from helpers.cloud.clients import client  # noqa: E402
-from helpers.cloud.deploy import (FunctionSpec, build_lambda_zip, event_invoke_configuration,  # noqa: E402
-                                  function_configuration, invoke_permission,
-                                  notification_configuration, while_role_propagates)
-from helpers.cloud.iam import execution_policy, lambda_trust_policy  # noqa: E402
 from helpers.cloud.logs import invocations, log_events, peak_concurrency  # noqa: E402
-from helpers.cloud.settings import Settings  # noqa: E402
 from helpers.cloud.status import processing_status  # noqa: E402
 from helpers.cloud.transfer import list_objects  # noqa: E402
+from pipeline_fixtures import deploy_pipeline  # noqa: E402  (as notebooks 01 and 02 deploy)
 
 SHAPE, N_VOLUMES = (32, 32, 16), 40
 
@@ -56,32 +51,6 @@ def small_run(seed: int) -> bytes:
     img = nib.Nifti1Image(data, np.diag([3.5, 3.5, 4.0, 1.0]))
     img.header.set_zooms((3.5, 3.5, 4.0, 2.0))
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
-
-
-def deploy(cfg: Settings, spec: FunctionSpec) -> None:
-    """Buckets, role, queue, function and trigger, as notebooks 01 and 02 make them."""
-    s3, iam, lam, sqs = (client(s) for s in ("s3", "iam", "lambda", "sqs"))
-    account = client("sts").get_caller_identity()["Account"]
-    for bucket in (cfg.input_bucket, cfg.output_bucket):
-        s3.create_bucket(Bucket=bucket)
-    role = iam.create_role(RoleName=cfg.role_name,
-                           AssumeRolePolicyDocument=json.dumps(lambda_trust_policy()))["Role"]
-    iam.put_role_policy(RoleName=cfg.role_name, PolicyName=cfg.policy_name,
-                        PolicyDocument=json.dumps(execution_policy(cfg, account)))
-    queue = sqs.create_queue(QueueName=cfg.failure_queue)["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])[
-        "Attributes"]["QueueArn"]
-    package = build_lambda_zip()
-    function = while_role_propagates(
-        lam.create_function, Code={"ZipFile": package.path.read_bytes()},
-        **function_configuration(cfg, spec, role_arn=role["Arn"], runtime=package.runtime))
-    lam.put_function_concurrency(FunctionName=cfg.function_name,
-                                 ReservedConcurrentExecutions=spec.max_concurrency)
-    lam.put_function_event_invoke_config(**event_invoke_configuration(cfg, spec,
-                                                                      queue_arn=queue_arn))
-    lam.add_permission(**invoke_permission(cfg, account_id=account))
-    s3.put_bucket_notification_configuration(
-        **notification_configuration(cfg, function_arn=function["FunctionArn"]))
 
 
 def server_memory_mb(pid: int) -> tuple[float, float]:
@@ -100,8 +69,7 @@ def main(argv: list[str]) -> int:
     local_cloud.stop()
     state = local_cloud.ensure_running()
     try:
-        cfg = Settings(mode="local", workbook_id="fmriwb-fanout")
-        deploy(cfg, FunctionSpec(max_concurrency=args.cap))
+        cfg = deploy_pipeline("fanout", max_concurrency=args.cap).cfg
         rss_before, _ = server_memory_mb(state["pid"])
         bodies = {f"{cfg.input_prefix}sub-{i:03d}/func/sub-{i:03d}_task-rest_bold.nii.gz":
                   small_run(i) for i in range(args.runs)}

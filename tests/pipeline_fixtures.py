@@ -238,7 +238,7 @@ def deploy_pipeline(tag: str, *, spec: FunctionSpec | None = None,
     for bucket in (cfg.input_bucket, cfg.output_bucket):
         s3.create_bucket(Bucket=bucket)
     role_arn = iam.create_role(
-        RoleName=cfg.role_name,
+        RoleName=cfg.role_name, Path=cfg.role_path,
         AssumeRolePolicyDocument=json.dumps(lambda_trust_policy()))["Role"]["Arn"]
     iam.put_role_policy(RoleName=cfg.role_name, PolicyName=cfg.policy_name,
                         PolicyDocument=json.dumps(execution_policy(cfg, account_id)))
