@@ -84,8 +84,10 @@ def write_aws_config(home, text):
     (home / "aws" / "config").write_text(text)
 
 
-def test_aws_id_is_kept_outside_the_build_folder(aws_user, load_aws):
+def test_aws_id_is_kept_outside_the_build_folder(aws_user, load_aws, monkeypatch):
     """`make clean` deletes build/: the aws workbook id must survive it."""
+    # a build folder of this test's own: the session's holds its local cloud
+    monkeypatch.setattr(settings_module, "BUILD_DIR", aws_user / "build")
     first = load_aws()
     path = state_file("aws")
     assert path == aws_user / "config" / "fmri-cloud-workbook" / "workbook-aws.json"
