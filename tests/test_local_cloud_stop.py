@@ -75,8 +75,8 @@ def _send_events_and_wait_for_a_run(sandbox: Path, count: int) -> Path:
                                 Payload=json.dumps({"n": n}))
     assert wait_until(lambda: any(e["stage"] == "running" for e in _journal(sandbox)),
                       timeout=60)
-    assert wait_until(lambda: any(" ".join(p.cmdline()) == "sleep 303"
-                                  for p in psutil.process_iter()), timeout=30)
+    assert wait_until(lambda: any(" ".join(p.info["cmdline"] or []) == "sleep 303"
+                                  for p in psutil.process_iter(["cmdline"])), timeout=30)
     return Path((state_dir(sandbox) / "environments_dir").read_text())
 
 
