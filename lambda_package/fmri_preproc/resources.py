@@ -226,7 +226,10 @@ def shape_from_header_bytes(start: bytes) -> RunShape:
     """
     raw = start
     if start[:2] == b"\x1f\x8b":  # a partial gzip stream: decompress what there is
-        raw = zlib.decompressobj(wbits=31).decompress(start)
+        try:
+            raw = zlib.decompressobj(wbits=31).decompress(start)
+        except zlib.error as exc:
+            raise ValueError(f"not a gzip stream ({exc})") from exc
     kind = nib.Nifti2Header if int.from_bytes(raw[:4], "little") == 540 or \
         int.from_bytes(raw[:4], "big") == 540 else nib.Nifti1Header
     header = kind.from_fileobj(io.BytesIO(raw), check=False)
