@@ -43,6 +43,8 @@ RESULTS = ROOT / "bench" / "RESULTS_scale.md"
 SHAPE = (100, 100, 72)
 MEMORY_SIZES = (128, 256, 512, 1024, 1536, 1769, 2048, 3008, 10240)
 TARGET_PEAK_MB, TARGET_RATIO = 600.0, 1.1
+# Lambda ephemeral storage above the free 512 MB, x86, us-east-1 (aws.amazon.com/lambda/pricing)
+EPHEMERAL_GB_SECOND_USD = 0.0000000309
 
 
 def run_engine(n_volumes: int, *, seed: int = 0) -> dict:
@@ -58,7 +60,8 @@ def run_engine(n_volumes: int, *, seed: int = 0) -> dict:
         raise SystemExit(f"the engine failed on {n_volumes} volumes:\n{m['stderr'][-3000:]}")
     summary = json.loads(m["stdout"])
     mvv = np.prod(SHAPE) * n_volumes / 1e6
-    row = {"n_volumes": n_volumes, "wall": m["wall"], "rss": m["rss"],
+    out_bytes = sum(f.stat().st_size for f in (folder / "out").rglob("*") if f.is_file())
+    row = {"n_volumes": n_volumes, "out_mb": out_bytes / 2**20, "wall": m["wall"], "rss": m["rss"],
            "peak": summary["peak_memory_mb"], "mvv": mvv, "s_per_mvv": m["wall"] / mvv,
            "upload_mb": src.stat().st_size / 2**20, "truth": truth,
            "confounds": summary["outputs"]["confounds"], "src": src,
@@ -123,6 +126,60 @@ def _limit(n: int, memory: int, ratio: float, s_per_mvv: float) -> str:
     return "time (15 min)"
 
 
+def study(row: dict, compressed: float, n_runs: int = 1000, concurrency: int = 100) -> list[str]:
+    """A study of ``n_runs`` runs like ``row`` on AWS: configuration, time, cost (docs/scaling.md)."""
+    from helpers.cloud.costs import PRICES, TRANSFER
+    from helpers.cloud.deploy import FunctionSpec
+
+    spec = FunctionSpec.sized_for(SHAPE, row["n_volumes"], compressed_ratio=compressed,
+                                  max_concurrency=concurrency)
+    transfer_s = (row["upload_mb"] + row["out_mb"]) / resources.S3_MB_PER_S
+    run_s = row["wall"] / resources.cpu_share(spec.memory_mb) + transfer_s
+    waves = -(-n_runs // concurrency)
+    gb_s = spec.memory_mb / 1024 * run_s * n_runs
+    tmp_gb_s = (spec.ephemeral_mb - 512) / 1024 * run_s * n_runs
+    series_mb = (row["out_mb"] - 1) / 2  # the two float32 series dominate the outputs
+    parts = -(-int(series_mb * 2**20) // TRANSFER.multipart_chunksize)
+    puts = n_runs * (1 + 2 * (parts + 2) + 6 + 2)  # upload; 2 series (parts + create and
+    # complete); 6 small outputs; marker and the dataset files
+    gets = n_runs * (4 + 9)  # header, run, 2 sidecars; a HEAD before each of 9 writes
+    stored_gb = n_runs * (row["upload_mb"] + row["out_mb"]) / 1024
+    costs = {"Lambda compute (GB-s)": gb_s * PRICES["lambda_gb_second"].usd,
+             "Lambda /tmp above 512 MB (GB-s)": tmp_gb_s * EPHEMERAL_GB_SECOND_USD,
+             "Lambda requests": n_runs * PRICES["lambda_request"].usd,
+             "S3 PUT requests (multipart parts)": puts * PRICES["s3_put_request"].usd,
+             "S3 GET/HEAD requests": gets * PRICES["s3_get_request"].usd,
+             "S3 storage, one month (inputs + outputs)": stored_gb * PRICES["s3_gb_month"].usd}
+    age_s = (waves - 1) * run_s + 180 + run_s  # the last wave's wait, retries' backoff
+    lines = ["## A 1,000-run study on AWS (computed from the figures above)", "",
+             f"{n_runs:,} runs of {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}x{row['n_volumes']}, "
+             f"each {row['upload_mb']:,.0f} MB uploaded and {row['out_mb']:,.0f} MB of "
+             f"outputs. `FunctionSpec.sized_for` gives MemorySize {spec.memory_mb:,} MB, "
+             f"EphemeralStorage {spec.ephemeral_mb:,} MB, Timeout {spec.timeout_s} s. One run: "
+             f"{row['wall']:.0f} s of computing (measured, one core) + {transfer_s:.0f} s of S3 "
+             f"transfers at {resources.S3_MB_PER_S:.0f} MB/s = **{run_s:.0f} s**.", "",
+             f"Reserved concurrency {concurrency}: {waves} waves, **{waves * run_s / 60:.0f} "
+             f"minutes** to finish; the last event waits about {(waves - 1) * run_s / 60:.0f} "
+             f"minutes, so MaximumEventAgeInSeconds >= {age_s:.0f} s (the workbook sets "
+             f"{spec.max_event_age_s} s, the maximum). Account quota: concurrent executions "
+             f">= {concurrency + 100} (the concurrency plus AWS's 100 unreserved).", "",
+             "| item | quantity | cost (USD, list price) |", "|---|---|---|",
+             f"| Lambda compute | {gb_s:,.0f} GB-s | {costs['Lambda compute (GB-s)']:.2f} |",
+             f"| Lambda /tmp above 512 MB | {tmp_gb_s:,.0f} GB-s | "
+             f"{costs['Lambda /tmp above 512 MB (GB-s)']:.2f} |",
+             f"| Lambda requests | {n_runs:,} | {costs['Lambda requests']:.4f} |",
+             f"| S3 PUT requests | {puts:,} | {costs['S3 PUT requests (multipart parts)']:.2f} |",
+             f"| S3 GET/HEAD requests | {gets:,} | {costs['S3 GET/HEAD requests']:.4f} |",
+             f"| S3 storage, one month | {stored_gb:,.0f} GB | "
+             f"{costs['S3 storage, one month (inputs + outputs)']:.2f} |",
+             f"| **total** | | **{sum(costs.values()):.2f}** |", "",
+             f"Multipart parts of {TRANSFER.multipart_chunksize / 2**20:.0f} MB. Data transfer: "
+             "0 (buckets and function in one region); downloading every output to a laptop "
+             f"would add {n_runs * row['out_mb'] / 1024 * PRICES['transfer_out_gb'].usd:,.0f} "
+             "USD of transfer out.", ""]
+    return lines
+
+
 def report(long: dict, short: dict, ants: dict | None, ants_row: dict | None, args) -> str:
     ratio = long["peak"] / short["peak"]
     s_per_mvv = long["s_per_mvv"]
@@ -170,6 +227,7 @@ def report(long: dict, short: dict, ants: dict | None, ants_row: dict | None, ar
               f"({at_1769 * 0.8 / 60:.0f} minutes of scanning at TR 0.8 s).", "",
               "Largest run per memory size (15 min timeout, 10,240 MB /tmp, measured speed, "
               "the model's margin):", "", *capacity_table(s_per_mvv, compressed), ""]
+    lines += study(long, compressed)
     lines += ["## antspyx on a multiband-size run", ""]
     if ants is None:
         lines.append("antspyx unavailable: anchor not run.")
@@ -209,6 +267,7 @@ def main(argv=None) -> int:
     if args.ants_volumes:
         ants_row = run_engine(args.ants_volumes, seed=1)
         ants = run_ants(ants_row)
+    _save_figures(short, long, ants_row, ants)
     text = report(long, short, ants, ants_row, args)
     RESULTS.write_text(text)
     print(text)
@@ -217,6 +276,14 @@ def main(argv=None) -> int:
             for path in sorted(row["src"].parent.rglob("*"), reverse=True):
                 path.unlink() if path.is_file() else path.rmdir()
     return 0
+
+
+def _save_figures(*rows) -> None:
+    """The measured figures, as JSON beside the runs (for checking the report by hand)."""
+    keep = [{k: v for k, v in row.items() if k in ("n_volumes", "wall", "rss", "peak", "mvv",
+                                                 "s_per_mvv", "upload_mb", "out_mb")}
+            for row in rows if row]
+    (WORK / "figures.json").write_text(json.dumps(keep, indent=2))
 
 
 if __name__ == "__main__":

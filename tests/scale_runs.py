@@ -52,7 +52,7 @@ def head_volume(shape, affine, params, *, seed: int = 0) -> np.ndarray:
     volume = 900 / (1 + np.exp((r - 1) / 0.03)) + 300 * np.exp(-((r - 0.9) / 0.05) ** 2)
     for c in blobs:
         volume += 250 * np.exp(-np.sum((w - c) ** 2, axis=1) / (2 * 6.0**2))
-    return (volume + 40).reshape(shape, order="F").astype(np.float32)
+    return (volume + 40).reshape(shape).astype(np.float32)  # np.indices: C order
 
 
 def write_head_run(path, shape=(100, 100, 72), n_volumes: int = 150, *, seed: int = 0,
