@@ -64,6 +64,7 @@ class Config:
     max_input_mb: float
     ephemeral_mb: float | None = None        # the function's EphemeralStorage, if stated
     repetition_time_s: float | None = None   # a TR stated by the user: wins over the files
+    size_check: bool = True                  # SIZE_CHECK=off: no check before the download
 
     VARIABLES = ("OUTPUT_BUCKET", "OUTPUT_PREFIX", "INPUT_PREFIX", "FWHM_MM", "MAX_INPUT_MB")
     OPTIONAL = ("EPHEMERAL_STORAGE_MB", "REPETITION_TIME_S")
@@ -86,7 +87,8 @@ class Config:
                    input_prefix=env["INPUT_PREFIX"], fwhm_mm=float(env["FWHM_MM"]),
                    max_input_mb=float(env["MAX_INPUT_MB"]),
                    ephemeral_mb=optional["EPHEMERAL_STORAGE_MB"],
-                   repetition_time_s=optional["REPETITION_TIME_S"])
+                   repetition_time_s=optional["REPETITION_TIME_S"],
+                   size_check=env.get("SIZE_CHECK", "on").strip().lower() != "off")
 
 
 CONFIG = Config.from_environment()  # at import: a misconfigured function never starts
@@ -183,7 +185,8 @@ def _preprocess(obj: S3Object, run: Run, context: Any):
             cause="The run is larger than the function is sized for.",
             action="Split the run, or raise MAX_INPUT_MB and the function's memory together.")
     with tempfile.TemporaryDirectory() as tmp:
-        _check_fits(obj, tmp, context)  # from the header alone, before the download
+        if CONFIG.size_check:
+            _check_fits(obj, tmp, context)  # from the header alone, before the download
         sidecar = _read_sidecar(obj, run)
         # Fixed local names, whatever the key: a long key never makes a name too long for
         # /tmp. Outputs are uploaded by kind, under the run's own names.

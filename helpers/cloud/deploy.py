@@ -230,6 +230,11 @@ class FunctionSpec:
     repetition_time_s : float, optional
         A TR (s) that wins over the runs' sidecars and headers, for data whose recorded TR
         is known to be wrong; None (default): sidecar, then header.
+    size_check : bool
+        Check each run's header against memory, /tmp and time before downloading it
+        (:mod:`fmri_preproc.resources`): a run that cannot fit gets a clear error naming the
+        setting to raise. The estimate has a 1.25x margin; False skips the check (for runs
+        known to fit, or to watch a real timeout or out-of-memory kill).
 
     To size the function for the largest run a study has, use :meth:`sized_for`.
     """
@@ -244,6 +249,7 @@ class FunctionSpec:
     max_input_mb: float = 150.0
     blas_threads: int = 1
     repetition_time_s: float | None = None
+    size_check: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -337,6 +343,7 @@ def function_environment(cfg: Settings, spec: FunctionSpec) -> dict[str, str]:
            "MAX_INPUT_MB": str(spec.max_input_mb),
            # /tmp's size, which the handler checks a run against (Lambda does not expose it)
            "EPHEMERAL_STORAGE_MB": str(spec.ephemeral_mb),
+           "SIZE_CHECK": "on" if spec.size_check else "off",
            "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
     if spec.repetition_time_s is not None:
         env["REPETITION_TIME_S"] = str(spec.repetition_time_s)

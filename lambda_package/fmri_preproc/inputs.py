@@ -263,10 +263,12 @@ class VolumeFile:
         return self.size * self.dtype.itemsize
 
     def _volume_index(self, index) -> int:
-        """``t`` of ``data[..., t]`` (or ``data[:, :, :, t]``); anything else is refused."""
-        if isinstance(index, tuple) and len(index) in (2, 4) and all(
-                i is Ellipsis or i == slice(None) for i in index[:-1]):
-            index = index[-1]
+        """``t`` of ``data[..., t]`` (or ``data[:, :, :, t]``); anything else is refused
+        (``data[0]`` would mean an x-slice to numpy)."""
+        if not (isinstance(index, tuple) and len(index) in (2, 4) and all(
+                i is Ellipsis or i == slice(None) for i in index[:-1])):
+            raise TypeError("a VolumeFile is read one volume at a time: data[..., t]")
+        index = index[-1]
         if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
             raise TypeError("a VolumeFile is read one volume at a time: data[..., t]")
         t = int(index) + (self.shape[3] if index < 0 else 0)

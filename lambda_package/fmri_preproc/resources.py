@@ -162,7 +162,7 @@ def check_fits(run: RunShape, *, name: str, memory_mb: int, tmp_free_mb: float,
     what = (f"{name}: the header claims a run of {run} ({run.float32_bytes / 2**20:,.0f} MB "
             "as float32), which")
     fix = "Size the function for your largest run (FunctionSpec.sized_for, notebook 02) and " \
-          "upload the run again"
+          "upload the run again (the estimate has a margin: size_check=False skips it)"
     if need.memory_mb > memory_mb:
         raise RunTooLarge(
             f"{what} needs about {need.memory_mb:,.0f} MB of memory; this function has "
