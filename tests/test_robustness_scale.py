@@ -120,3 +120,8 @@ def test_a_multiband_size_run_goes_through_a_function_sized_for_it(cloud, tmp_pa
     lines = pipeline.handler_lines(key)
     fits, = [line for line in lines if line["message"] == "fits"]
     assert fits["needs_memory_mb"] >= done["peak_memory_mb"]
+    print(f"\nmultiband run {shape} x {n_volumes} at {spec.memory_mb} MB: "
+          f"{run['duration_ms'] / 1000:.0f} s (model {fits['needs_s']} s), max memory "
+          f"{run['max_memory_mb']} MB (engine {done['peak_memory_mb']:.0f}, model "
+          f"{fits['needs_memory_mb']}), /tmp model {fits['needs_tmp_mb']} MB of "
+          f"{spec.ephemeral_mb}")
