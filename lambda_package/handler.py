@@ -220,7 +220,8 @@ def _check_fits(obj: S3Object, tmp: str, context: Any) -> None:
     memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") or 0) or math.inf
     tmp_free_mb = shutil.disk_usage(tmp).free / 2**20
     if CONFIG.ephemeral_mb:  # what this function's /tmp holds, even where the disk is larger
-        tmp_free_mb = min(tmp_free_mb, CONFIG.ephemeral_mb - _used_mb(tmp))
+        # (a warm environment's /tmp may still hold an earlier invocation's files)
+        tmp_free_mb = min(tmp_free_mb, CONFIG.ephemeral_mb - _used_mb(tempfile.gettempdir()))
     remaining_s = context.get_remaining_time_in_millis() / 1000 \
         if hasattr(context, "get_remaining_time_in_millis") else math.inf
     need = resources.check_fits(shape, name=Path(obj.key).name, memory_mb=memory_mb,
