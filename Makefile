@@ -30,6 +30,7 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
+	$(BIN)/python bench/bench_scale.py
 
 clean:
 	-$(BIN)/python -m helpers.local_cloud stop

@@ -1,8 +1,11 @@
 """The Lambda function: preprocess each uploaded BOLD run and write BIDS derivatives to S3.
 
 S3 calls :func:`lambda_handler` asynchronously for every ``*_bold.nii.gz`` created under the
-input prefix. For each record the function downloads **the exact object version the event
-names** (``IfMatch`` its ETag), reads the run's BIDS sidecar, runs the engine
+input prefix. For each record the function first reads the run's header (a ranged GET)
+and checks that the run fits its memory, /tmp and remaining time (:mod:`fmri_preproc.resources`: a run
+that cannot fit gets a permanent error naming the setting to raise); it then downloads
+**the exact object version the event names** (``IfMatch`` its ETag), reads the run's BIDS
+sidecar (with the dataset-level ``task-<label>_bold.json`` it inherits), runs the engine
 (:mod:`fmri_preproc`), uploads the outputs to ``<output prefix><run folder>/`` with
 fMRIPrep's names, and writes the completion marker ``<run>_done.json`` **last**: a reader who
 sees the marker sees a complete set. A run that fails gets ``<run>_error.json`` (what went
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +44,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 import fmri_preproc
+from fmri_preproc import resources
 from fmri_preproc.contract import (BIDSIGNORE, DATASET_DESCRIPTION, OUTPUTS, LogEvent, Record,
                                    Run, derivatives_description, input_problem, run_from_key)
 
@@ -56,8 +62,12 @@ class Config:
     input_prefix: str
     fwhm_mm: float
     max_input_mb: float
+    ephemeral_mb: float | None = None        # the function's EphemeralStorage, if stated
+    repetition_time_s: float | None = None   # a TR stated by the user: wins over the files
+    size_check: bool = True                  # SIZE_CHECK=off: no check before the download
 
     VARIABLES = ("OUTPUT_BUCKET", "OUTPUT_PREFIX", "INPUT_PREFIX", "FWHM_MM", "MAX_INPUT_MB")
+    OPTIONAL = ("EPHEMERAL_STORAGE_MB", "REPETITION_TIME_S")
 
     @classmethod
     def from_environment(cls, env=os.environ) -> "Config":
@@ -71,9 +81,14 @@ class Config:
                 f"The function is missing environment variable(s) {', '.join(missing)}. "
                 "Deploy it with helpers.cloud.deploy.function_configuration (notebook 02), "
                 "which sets them all.")
+        optional = {name: float(env[name]) if env.get(name, "").strip() else None
+                    for name in cls.OPTIONAL}
         return cls(output_bucket=env["OUTPUT_BUCKET"], output_prefix=env["OUTPUT_PREFIX"],
                    input_prefix=env["INPUT_PREFIX"], fwhm_mm=float(env["FWHM_MM"]),
-                   max_input_mb=float(env["MAX_INPUT_MB"]))
+                   max_input_mb=float(env["MAX_INPUT_MB"]),
+                   ephemeral_mb=optional["EPHEMERAL_STORAGE_MB"],
+                   repetition_time_s=optional["REPETITION_TIME_S"],
+                   size_check=env.get("SIZE_CHECK", "on").strip().lower() != "off")
 
 
 CONFIG = Config.from_environment()  # at import: a misconfigured function never starts
@@ -111,7 +126,7 @@ class Failure:
 
 def lambda_handler(event: dict, context: Any) -> dict:
     """Process every S3 record in the event; return one status per record."""
-    return {"results": [process_object(obj) for obj in s3_records(event)]}
+    return {"results": [process_object(obj, context) for obj in s3_records(event)]}
 
 
 def s3_records(event: dict) -> list[S3Object]:
@@ -129,7 +144,7 @@ def s3_records(event: dict) -> list[S3Object]:
     return objects
 
 
-def process_object(obj: S3Object) -> dict:
+def process_object(obj: S3Object, context: Any = None) -> dict:
     """Preprocess one run; write its outputs and marker, or its error record."""
     relative = obj.key.removeprefix(CONFIG.input_prefix)
     problem = input_problem(obj.key) if obj.key.startswith(CONFIG.input_prefix) else \
@@ -141,7 +156,7 @@ def process_object(obj: S3Object) -> dict:
     _log(LogEvent.START, key=obj.key, run=run.id, etag=obj.etag, size=obj.size)
     started = time.time()
     try:
-        result = _preprocess(obj, run)
+        result = _preprocess(obj, run, context)
     except Superseded:
         _log(LogEvent.SUPERSEDED, key=obj.key, etag=obj.etag)
         return {"key": obj.key, "status": "superseded"}
@@ -160,8 +175,9 @@ def process_object(obj: S3Object) -> dict:
     return {"key": obj.key, "status": "processed"}
 
 
-def _preprocess(obj: S3Object, run: Run):
-    """Download the pinned version, run the engine, upload the outputs (no marker yet)."""
+def _preprocess(obj: S3Object, run: Run, context: Any):
+    """Check the run fits, download the pinned version, run the engine, upload the outputs
+    (no marker yet)."""
     if obj.size > CONFIG.max_input_mb * 2**20:
         raise fmri_preproc.InputError(
             f"{Path(obj.key).name} is {obj.size / 2**20:.1f} MB, over this function's limit "
@@ -169,12 +185,17 @@ def _preprocess(obj: S3Object, run: Run):
             cause="The run is larger than the function is sized for.",
             action="Split the run, or raise MAX_INPUT_MB and the function's memory together.")
     with tempfile.TemporaryDirectory() as tmp:
+        if CONFIG.size_check:
+            _check_fits(obj, tmp, context)  # from the header alone, before the download
+        sidecar = _read_sidecar(obj, run)
         # Fixed local names, whatever the key: a long key never makes a name too long for
         # /tmp. Outputs are uploaded by kind, under the run's own names.
         local = Path(tmp) / "input_bold.nii.gz"
         _download_pinned(obj, local)
         result = fmri_preproc.preprocess(local, Path(tmp) / "out", fwhm=CONFIG.fwhm_mm,
-                                         max_bytes=int(CONFIG.max_input_mb * 2**20))
+                                         max_bytes=int(CONFIG.max_input_mb * 2**20),
+                                         work_dir=tmp, sidecar=sidecar,
+                                         tr_override=CONFIG.repetition_time_s)
         local.unlink()  # free /tmp before uploading
         _write_dataset_files(obj)
         for kind, path in result.outputs.items():
@@ -182,6 +203,97 @@ def _preprocess(obj: S3Object, run: Run):
         for kind in OUTPUTS.keys() - result.outputs.keys():  # from an earlier configuration
             _delete(_key(run.path(kind)))
     return result
+
+
+# ------------------------------------------------------------------------------------------
+# Before the download: does the run fit, and what does its sidecar say
+
+
+def _check_fits(obj: S3Object, tmp: str, context: Any) -> None:
+    """Compare what the run needs (from its header: a ranged GET) with this function's memory,
+    free /tmp and remaining time; raise :class:`fmri_preproc.resources.RunTooLarge` if it
+    cannot fit. Inputs whose first bytes are no NIfTI header are left to the engine, which
+    explains what is wrong with them."""
+    shape = _header_shape(obj)
+    if shape is None:
+        return
+    memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") or 0) or math.inf
+    tmp_free_mb = shutil.disk_usage(tmp).free / 2**20
+    if CONFIG.ephemeral_mb:  # what this function's /tmp holds, even where the disk is larger
+        # (a warm environment's /tmp may still hold an earlier invocation's files)
+        tmp_free_mb = min(tmp_free_mb, CONFIG.ephemeral_mb - _used_mb(tempfile.gettempdir()))
+    remaining_s = context.get_remaining_time_in_millis() / 1000 \
+        if hasattr(context, "get_remaining_time_in_millis") else math.inf
+    need = resources.check_fits(shape, name=Path(obj.key).name, memory_mb=memory_mb,
+                                tmp_free_mb=tmp_free_mb, remaining_s=remaining_s,
+                                input_bytes=obj.size, smoothed=CONFIG.fwhm_mm > 0)
+    _log("fits", key=obj.key, run_shape=str(shape), needs_memory_mb=round(need.memory_mb),
+         needs_tmp_mb=round(need.tmp_mb), needs_s=round(need.seconds), memory_mb=memory_mb,
+         tmp_free_mb=round(tmp_free_mb), remaining_s=round(remaining_s))
+
+
+def _header_shape(obj: S3Object):
+    """The run's shape from its first bytes (pinned like the download), or None."""
+    if obj.size < 348 or not obj.key.endswith(".gz"):
+        return None
+    pinned = {"IfMatch": f'"{obj.etag}"'} if obj.etag else {}
+    if obj.version_id:
+        pinned["VersionId"] = obj.version_id
+    start = s3.get_object(Bucket=obj.bucket, Key=obj.key,
+                          Range=f"bytes=0-{resources.HEADER_BYTES - 1}", **pinned)["Body"].read()
+    try:
+        return resources.shape_from_header_bytes(start)
+    except Exception:  # not gzip, not NIfTI, not 4D: the engine's checks say which
+        return None
+
+
+def _used_mb(folder: str) -> float:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 2**20
+
+
+def _read_sidecar(obj: S3Object, run: Run) -> dict:
+    """The run's BIDS sidecar with inheritance: the dataset-level ``task-<label>_bold.json``
+    (at the dataset's root), then the run's own ``<name>_bold.json``, later keys winning
+    (BIDS inheritance principle). Missing files are fine: the header's TR is used then.
+
+    A missing key answers 404, or 403 when the role may not list the bucket (as here: it
+    may only GetObject under the input prefix), so both mean "no sidecar there".
+    """
+    merged: dict = {}
+    for key in _sidecar_keys(run):
+        try:
+            body = s3.get_object(Bucket=obj.bucket, Key=CONFIG.input_prefix + key)["Body"].read()
+        except ClientError as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound", "403", "AccessDenied"):
+                continue
+            raise
+        try:
+            document = json.loads(body)
+            if not isinstance(document, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise fmri_preproc.InputError(
+                f"The sidecar {key} is not valid JSON ({exc}).",
+                cause="The file was edited by hand or cut off during the upload.",
+                action="Fix the JSON (e.g. check it with `python -m json.tool`) and upload the "
+                       "sidecar, then the run, again.") from exc
+        merged.update(document)
+    return merged
+
+
+def _sidecar_keys(run: Run) -> list[str]:
+    """Sidecar keys relative to the input root, least specific first."""
+    own = run.sidecar_key()
+    parts = own.split("/")
+    subject = f"sub-{run.source.get('sub')}"
+    root = "/".join(parts[:parts.index(subject)]) if subject in parts[:-1] else \
+        "/".join(parts[:-1])  # a flat key: the dataset root is its own folder
+    task = run.source.get("task")
+    keys = []
+    if task:
+        name = f"task-{task}_{run.source.suffix}.json"
+        keys.append(f"{root}/{name}" if root else name)
+    return [key for key in keys if key != own] + [own]
 
 
 def classify(exc: BaseException) -> Failure:

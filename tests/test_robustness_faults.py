@@ -174,12 +174,19 @@ def proxy(cloud):
 
 @pytest.fixture(scope="module")
 def killed(cloud):
-    """A 1 s timeout and a 128 MB function, each given a run that needs more (64x64x32x100)."""
-    body = large_run_bytes()
-    slow = deploy_pipeline("timeout", timeout_s=1, memory_mb=1024, max_concurrency=1, retry_attempts=1)
-    small = deploy_pipeline("oom", timeout_s=60, memory_mb=128, max_concurrency=1, retry_attempts=1)
-    etags = {SLOW: slow.upload(SLOW, body), BIG: small.upload(BIG, body)}
-    yield {"timeout": slow, "oom": small, "body": body, "etags": etags}
+    """A 1 s timeout and a 128 MB function, each given a run that needs more: 64x64x32x100,
+    and 128x128x64x20 (the engine's memory grows with the volume, not the run's length).
+
+    ``size_check`` off: the handler would refuse both runs from their headers (too slow for
+    1 s, too large for 128 MB); here the function must really be killed.
+    """
+    body, big_body = large_run_bytes(), large_run_bytes(shape=(128, 128, 64), n_volumes=20)
+    slow = deploy_pipeline("timeout", timeout_s=1, memory_mb=1024, max_concurrency=1,
+                           retry_attempts=1, size_check=False)
+    small = deploy_pipeline("oom", timeout_s=60, memory_mb=128, max_concurrency=1,
+                            retry_attempts=1, size_check=False)
+    etags = {SLOW: slow.upload(SLOW, body), BIG: small.upload(BIG, big_body)}
+    yield {"timeout": slow, "oom": small, "body": body, "big_body": big_body, "etags": etags}
     remove_trigger(slow)
     remove_trigger(small)
 
@@ -240,7 +247,7 @@ def test_out_of_memory_is_logged_as_aws_does_and_shown_in_the_status_table(kille
     assert "out of memory" in row["reason"] and "128 MB" in row["reason"]
     _assert_sent_to_failure_queue(pipeline, BIG, attempts=2)
     assert pipeline.outputs(BIG) == {}
-    assert input_state(pipeline, BIG) == (killed["etags"][BIG], killed["body"])
+    assert input_state(pipeline, BIG) == (killed["etags"][BIG], killed["big_body"])
 
 
 def _assert_sent_to_failure_queue(pipeline, key, attempts):
@@ -264,7 +271,8 @@ def test_transient_s3_errors_are_retried_and_the_run_completes(through_proxy, pr
     # One invocation: the SDK retried inside it (standard mode) ...
     assert len(pipeline.runs(TRANSIENT)) == 1
     reads = proxy.attempts(f"/{pipeline.cfg.input_bucket}/{TRANSIENT}")
-    assert [r["status"] for r in reads[:3]] == [503, 503, 200]
+    # the first read is the header's (a ranged GET: 206), then the download (200)
+    assert [r["status"] for r in reads[:4]] == [503, 503, 206, 200]
     assert attempt_numbers(reads[:3]) == [1, 2, 3]
     # The handler's Config(retry_attempts={"max_attempts": 5}): 5 retries, 6 attempts in all.
     assert all("max=6" in r["sdk_request"] for r in reads)

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import math
 import shutil
 import time
 import subprocess
@@ -18,6 +19,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fmri_preproc import resources
 from fmri_preproc.contract import INPUT_SUFFIX
 from helpers.cloud.settings import BUILD_DIR, PROJECT_ROOT, Settings
 
@@ -203,12 +205,14 @@ class FunctionSpec:
     Attributes
     ----------
     memory_mb : int
-        ``MemorySize``. A default run (64 x 64 x 32 x 150) peaks at about 220 MB (REPORT
-        lines, notebook 03); memory also buys CPU (one vCPU at 1,769 MB).
+        ``MemorySize``. The engine's memory depends on the volume's size, not the run's
+        length (:mod:`fmri_preproc.resources`): a 64 x 64 x 32 grid needs about 130 MB,
+        100 x 100 x 72 about 190 MB; memory also buys CPU (one vCPU at 1,769 MB).
     timeout_s : int
         ``Timeout``: a safety stop well above a run's duration (10-40 s at this size).
     ephemeral_mb : int
-        ``EphemeralStorage``: /tmp holds the download and the outputs (512 MB is free).
+        ``EphemeralStorage``: /tmp holds the download, the run as float32 and the outputs
+        (512 MB is free; the default run needs about 350 MB).
     max_concurrency : int
         Reserved concurrency: at most this many runs at once (a cost cap).
     retry_attempts : int
@@ -223,6 +227,16 @@ class FunctionSpec:
     blas_threads : int
         One BLAS thread: the engine works volume by volume, and extra threads only fight
         over the function's share of a CPU (measured: 2x the CPU time without this).
+    repetition_time_s : float, optional
+        A TR (s) that wins over the runs' sidecars and headers, for data whose recorded TR
+        is known to be wrong; None (default): sidecar, then header.
+    size_check : bool
+        Check each run's header against memory, /tmp and time before downloading it
+        (:mod:`fmri_preproc.resources`): a run that cannot fit gets a clear error naming the
+        setting to raise. The estimate has a 1.25x margin; False skips the check (for runs
+        known to fit, or to watch a real timeout or out-of-memory kill).
+
+    To size the function for the largest run a study has, use :meth:`sized_for`.
     """
 
     memory_mb: int = 384
@@ -234,9 +248,86 @@ class FunctionSpec:
     fwhm_mm: float = 6.0
     max_input_mb: float = 150.0
     blas_threads: int = 1
+    repetition_time_s: float | None = None
+    size_check: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def sized_for(cls, shape, n_volumes: int, *, itemsize: int = 2,
+                  compressed_ratio: float = 1.0,
+                  cpu_memory_mb: int = resources.LAMBDA_MB_PER_VCPU,
+                  **changes) -> "FunctionSpec":
+        """A spec whose memory, /tmp, timeout and input limit fit the largest expected run.
+
+        Parameters
+        ----------
+        shape : (X, Y, Z) tuple
+            The largest run's grid (voxels).
+        n_volumes : int
+            Its number of volumes.
+        itemsize : int, optional
+            Bytes per stored value (2 for int16 scanner data, 4 for float32).
+        compressed_ratio : float, optional
+            The upload's size over its stored size (1.0, no gain, is the safe default;
+            int16 EPI .nii.gz is about 0.5-0.7).
+        cpu_memory_mb : int, optional
+            Memory at least this large, for its CPU: 1,769 MB (one vCPU) by default. Below
+            that, the engine's time grows as 1 / memory, so its GB-seconds (the price) stay
+            about the same: a full vCPU costs no more and finishes sooner. Pass 128 to get
+            the least memory that fits in 15 minutes instead.
+        **changes
+            Other fields (e.g. ``fwhm_mm``, ``max_concurrency``).
+
+        Returns
+        -------
+        FunctionSpec
+            ``memory_mb``: enough memory, at least ``cpu_memory_mb``, and more where CPU is
+            needed to finish in 15 minutes; ``timeout_s``: twice the estimate (at most 900 s,
+            a safety stop);
+            ``ephemeral_mb``: the download, the float32 run and the outputs;
+            ``max_input_mb``: the run's stored size (an upload cannot be larger).
+
+        Raises
+        ------
+        ValueError
+            If no Lambda configuration fits (over 15 minutes at one vCPU, or over 10 GB of
+            /tmp): split such runs.
+
+        Examples
+        --------
+        >>> spec = FunctionSpec.sized_for((100, 100, 72), 600)  # doctest: +SKIP
+        """
+        run = resources.RunShape(tuple(shape), int(n_volumes), itemsize)
+        base = cls(**changes)
+        smoothed = base.fwhm_mm > 0
+        upload = int(run.stored_bytes * compressed_ratio)
+        fastest = resources.needs(run, input_bytes=upload, smoothed=smoothed)
+        if fastest.seconds > resources.LAMBDA_MAX_TIMEOUT_S or \
+                fastest.tmp_mb > resources.LAMBDA_MAX_EPHEMERAL_MB:
+            raise ValueError(
+                f"A {run} run needs about {fastest.seconds:,.0f} s at one vCPU and "
+                f"{fastest.tmp_mb:,.0f} MB of /tmp: over Lambda's "
+                f"{resources.LAMBDA_MAX_TIMEOUT_S} s or {resources.LAMBDA_MAX_EPHEMERAL_MB:,}"
+                " MB. Split such runs into shorter ones.")
+        # memory: what the run needs, or more where the CPU it buys is needed in time
+        memory = max(cpu_memory_mb, _round_up(fastest.memory_mb, 64))
+        while resources.needs(run, memory_mb=memory, input_bytes=upload, smoothed=smoothed
+                              ).seconds > resources.LAMBDA_MAX_TIMEOUT_S:
+            memory = min(resources.LAMBDA_MB_PER_VCPU, memory + 64)
+        need = resources.needs(run, memory_mb=memory, input_bytes=upload, smoothed=smoothed)
+        sized = dict(memory_mb=memory,
+                     timeout_s=min(resources.LAMBDA_MAX_TIMEOUT_S,
+                                   max(60, _round_up(2 * need.seconds, 30))),
+                     ephemeral_mb=max(resources.LAMBDA_MIN_EPHEMERAL_MB,
+                                      _round_up(need.tmp_mb, 512)),
+                     max_input_mb=float(math.ceil(run.stored_bytes / 2**20 * 1.01 + 1)))
+        return cls(**{**sized, **changes})
+
+
+def _round_up(value: float, step: int) -> int:
+    return int(math.ceil(value / step) * step)
 
 
 HANDLER = "handler.lambda_handler"
@@ -247,10 +338,16 @@ PERMISSION_ID = "s3-invoke"
 def function_environment(cfg: Settings, spec: FunctionSpec) -> dict[str, str]:
     """The function's environment variables (the handler requires every one of them)."""
     threads = str(spec.blas_threads)
-    return {"OUTPUT_BUCKET": cfg.output_bucket, "OUTPUT_PREFIX": cfg.output_prefix,
-            "INPUT_PREFIX": cfg.input_prefix, "FWHM_MM": str(spec.fwhm_mm),
-            "MAX_INPUT_MB": str(spec.max_input_mb),
-            "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    env = {"OUTPUT_BUCKET": cfg.output_bucket, "OUTPUT_PREFIX": cfg.output_prefix,
+           "INPUT_PREFIX": cfg.input_prefix, "FWHM_MM": str(spec.fwhm_mm),
+           "MAX_INPUT_MB": str(spec.max_input_mb),
+           # /tmp's size, which the handler checks a run against (Lambda does not expose it)
+           "EPHEMERAL_STORAGE_MB": str(spec.ephemeral_mb),
+           "SIZE_CHECK": "on" if spec.size_check else "off",
+           "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    if spec.repetition_time_s is not None:
+        env["REPETITION_TIME_S"] = str(spec.repetition_time_s)
+    return env
 
 
 def function_configuration(cfg: Settings, spec: FunctionSpec, *, role_arn: str,

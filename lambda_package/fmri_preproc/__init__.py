@@ -10,6 +10,9 @@ with the handler, the helpers and the notebooks is in :mod:`fmri_preproc.contrac
   ``M`` maps a reference point to the same tissue's position in the moving volume.
 - Non-finite input values are set to 0 and counted in the sidecar; runs that are mostly
   non-finite are rejected (:mod:`fmri_preproc.inputs`).
+- Memory is flat in the run's length: the run is read into a float32 scratch file and
+  processed volume by volume; what a run needs (memory, /tmp, time) is computed from its
+  header by :mod:`fmri_preproc.resources`.
 - Command line: ``python -m fmri_preproc sub-01_task-rest_bold.nii.gz --out DIR [--fwhm MM]``
   writes ``DIR/sub-01/func/...`` (a BIDS derivatives layout).
 """
@@ -18,7 +21,8 @@ __version__ = "0.1.0"
 
 from .confounds import dvars, framewise_displacement, motion_expansion  # noqa: E402
 from .contract import PreprocResult, Run, run_from_key  # noqa: E402
-from .inputs import InputError, RunInfo, check_input, load_run  # noqa: E402
+from .inputs import (InputError, RunInfo, VolumeFile, check_input, load_run,  # noqa: E402
+                     repetition_time, unpack_run)
 from .motion import estimate_motion, reslice_volume  # noqa: E402
 from .pipeline import preprocess  # noqa: E402
 from .smoothing import smooth  # noqa: E402
@@ -43,4 +47,7 @@ __all__ = [
     "RunInfo",
     "check_input",
     "load_run",
+    "unpack_run",
+    "VolumeFile",
+    "repetition_time",
 ]

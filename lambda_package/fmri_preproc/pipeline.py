@@ -1,13 +1,16 @@
-"""The whole preprocessing of one run: read, correct motion, smooth, confounds, write.
+"""The whole preprocessing of one run: read, correct motion, confounds, write, smooth.
 
-Memory: one float32 copy of the run is held (read volume by volume straight into it);
-motion is estimated from it, each volume is resliced back into its own slot, confounds are
-computed in slabs of slices, and smoothing runs volume by volume in place. Peak RSS
-(``bench/run_bench.py``, see ``bench/RESULTS.md``) is the run's float32 size plus about
-80-110 MB (interpreter, numpy, nibabel, gzip and per-volume buffers):
+Memory is flat in the run's length: the run is decompressed once into a float32 scratch file
+(:class:`fmri_preproc.inputs.VolumeFile`, in ``work_dir``: ``/tmp`` in the function), and
+every stage reads and writes it one volume at a time. Motion is estimated volume by volume,
+each volume is resliced back into its own slot, confounds are a second pass over the file
+(slabs of a bounded number of values), and the outputs are written as gzip streams, the
+smoothed series smoothed volume by volume on its way out. Peak memory is the interpreter and
+libraries plus a few volumes and the motion estimator's working set: it depends on the
+volume's size, not on the number of volumes (``bench/bench_scale.py``; what a run needs is
+computed from its header by :mod:`fmri_preproc.resources`).
 
-- default run, 64 x 64 x 32 x 150 (79 MB as float32): about 160 MB -> MemorySize 256;
-- twice as long, 64 x 64 x 32 x 300 (157 MB): about 265 MB -> MemorySize 384 or more.
+Disk (``work_dir`` and ``out_dir``): the run as float32 plus the compressed outputs.
 
 Outputs (BIDS derivatives, fMRIPrep names) appear complete or not at all: each is written
 to a hidden temporary name in the output directory and renamed with ``os.replace``.
@@ -35,9 +38,9 @@ from .confounds import (brain_mask, confounds_metadata, confounds_table, dvars, 
                         tsnr, write_tsv)
 from .contract import (FRAMEWISE_DISPLACEMENT, MOTION_OUTLIER, PreprocResult, Run, Sidecar,
                        run_from_key)
-from .inputs import InputError, load_run
+from .inputs import InputError, VoxelSlabs, check_input, repetition_time, unpack_run
 from .motion import estimate_motion, reference_index, reslice_volume
-from .smoothing import smooth
+from .smoothing import smoothed_volumes
 from .transforms import affine_to_params
 
 __all__ = ["preprocess", "peak_memory_mb"]
@@ -66,6 +69,9 @@ def preprocess(
     fwhm: float = 6.0,
     reference="middle",
     max_bytes: int | None = None,
+    work_dir=None,
+    sidecar: dict | None = None,
+    tr_override: float | None = None,
 ) -> PreprocResult:
     """Preprocess one BOLD run: motion correction, smoothing, confounds.
 
@@ -83,6 +89,14 @@ def preprocess(
         Motion-correction reference volume (``T // 2`` by default).
     max_bytes : int, optional
         Reject input files larger than this many bytes.
+    work_dir : str or Path, optional
+        Scratch folder for the run as float32 (``X*Y*Z*T*4`` bytes); default ``out_dir``.
+        The scratch file is removed at the end, also on errors.
+    sidecar : dict, optional
+        The run's BIDS sidecar (inherited keys merged); its ``RepetitionTime`` wins over the
+        header's (:func:`fmri_preproc.inputs.repetition_time`).
+    tr_override : float, optional
+        A TR in seconds stated by the user: wins over sidecar and header.
 
     Returns
     -------
@@ -93,7 +107,8 @@ def preprocess(
         ``confounds_json``. ``summary``: ``n_volumes``, ``reference_volume``,
         ``max_fd_mm``, ``mean_fd_mm``, ``mean_tsnr`` (median over the brain mask, after
         motion correction, before smoothing), ``n_motion_outliers``,
-        ``n_non_steady_state``, ``n_nonfinite``, ``peak_memory_mb``, ``duration_s``.
+        ``n_non_steady_state``, ``n_nonfinite``, ``repetition_time_s``,
+        ``peak_memory_mb``, ``duration_s``.
 
     Raises
     ------
@@ -103,7 +118,7 @@ def preprocess(
     Notes
     -----
     Motion parameters are in the convention of :func:`fmri_preproc.params_to_affine`;
-    each volume is resliced once (trilinear) onto the reference volume's grid.
+    each volume is resliced once onto the reference volume's grid.
     """
     start = time.perf_counter()
     timings = {}
@@ -111,48 +126,131 @@ def preprocess(
         raise ValueError("fwhm must be a finite number >= 0 (mm)")
     out_dir = Path(out_dir)
     run = _run_of(in_file)
+    info = check_input(in_file, max_bytes=max_bytes)
+    tr_s, tr_record = repetition_time(info, sidecar, tr_override)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     tic = time.perf_counter()
-    data, info, n_nonfinite = load_run(in_file, max_bytes=max_bytes)
-    affine = info.affine
-    shape = info.shape[:3]
-    n_volumes = info.n_volumes
+    store, n_nonfinite = unpack_run(info, work_dir or out_dir)
+    timings["read_s"] = time.perf_counter() - tic
+    try:
+        return _process(store, info, run, out_dir, fwhm, reference, n_nonfinite,
+                        (tr_s, tr_record), timings, start)
+    finally:
+        store.close()
+        os.unlink(store.path)
+
+
+def _process(store, info, run, out_dir, fwhm, reference, n_nonfinite, tr, timings, start):
+    """The stages after reading: motion, reslicing, confounds, outputs (one step each)."""
+    affine, n_volumes = info.affine, info.n_volumes
     ref = reference_index(reference, n_volumes)
-    if not np.ptp(data[..., ref]) > 0:
-        raise InputError(f"{Path(in_file).name}: the reference volume is constant (no image).",
+    boldref = store[..., ref]
+    if not np.ptp(boldref) > 0:
+        raise InputError(f"{info.path.name}: the reference volume is constant (no image).",
                          cause="The run holds no signal (all values equal, e.g. all zero).",
                          action="Upload the original BOLD run.")
-    timings["read_s"] = time.perf_counter() - tic
 
+    # --- motion: estimated volume by volume from the scratch file
     tic = time.perf_counter()
-    try:
-        matrices = estimate_motion(data, affine, reference=ref)
-    except ValueError as exc:  # e.g. a reference with too little structure to register
-        raise InputError(f"{Path(in_file).name}: motion correction failed ({exc}).",
-                         cause="The run has too little image structure (not a brain EPI run?).",
-                         action="Check the run in a viewer and upload the BOLD run.") from exc
-    params = np.array([affine_to_params(m, affine, shape) for m in matrices])
+    matrices = _estimate_motion(store, info, ref)
+    params = np.array([affine_to_params(m, affine, info.shape[:3]) for m in matrices])
     timings["estimate_motion_s"] = time.perf_counter() - tic
 
+    # --- reslicing: each volume once, back into its own slot
     tic = time.perf_counter()
-    for t in range(n_volumes):  # reslice each volume once, back into its own slot
+    for t in range(n_volumes):
         if t != ref:
-            data[..., t] = reslice_volume(data[..., t], affine, matrices[t])
+            store[..., t] = reslice_volume(store[..., t], affine, matrices[t])
     timings["reslice_s"] = time.perf_counter() - tic
 
+    # --- confounds: a second pass over the scratch file
     tic = time.perf_counter()
-    boldref = data[..., ref].copy()
     mask = brain_mask(boldref)
-    dvars_values, std_dvars = dvars(data, mask)
-    global_signal = np.array([data[..., t][mask].mean() for t in range(n_volumes)])
-    n_non_steady = non_steady_state(global_signal)
-    columns = confounds_table(params, dvars_values, std_dvars, n_non_steady=n_non_steady)
-    steady = data[..., n_non_steady:]  # a view: no copy
-    mean_tsnr = tsnr(steady, mask) if steady.shape[3] > 1 else float("nan")
+    columns, mean_tsnr, n_non_steady = _series_confounds(store, mask, params)
     timings["confounds_s"] = time.perf_counter() - tic
 
+    summary = _summary(columns, n_volumes, ref, mean_tsnr, n_non_steady, n_nonfinite, tr[0])
+    outputs = {kind: out_dir / run.filename(kind) for kind in _kinds(fwhm)}
+    with _visible_when_complete(outputs) as tmp:
+        # --- outputs: streamed, one volume at a time
+        tic = time.perf_counter()
+        header = _float_header(info.path)
+        _write_nifti_gz(tmp["preproc_bold"], _image(store.shape, affine, header,
+                                                    "motion corrected"),
+                        (store[..., t] for t in range(n_volumes)))
+        _write_nifti_gz(tmp["boldref"], _image(boldref.shape, affine, header,
+                                               "motion reference volume"), [boldref])
+        mask_header = header.copy()
+        mask_header.set_data_dtype(np.uint8)
+        _write_nifti_gz(tmp["brain_mask"], _image(mask.shape, affine, mask_header,
+                                                  "brain mask"), [mask.astype(np.uint8)])
+        write_tsv(tmp["confounds"], columns)
+        _write_json(tmp["confounds_json"], confounds_metadata(columns))
+        timings["write_s"] = time.perf_counter() - tic
+
+        # --- smoothing: volume by volume, on the way into its output stream
+        if fwhm > 0:
+            tic = time.perf_counter()
+            _write_nifti_gz(tmp["smoothed_bold"],
+                            _image(store.shape, affine, header,
+                                   f"motion corrected, smoothed {fwhm:g} mm"),
+                            smoothed_volumes(store, affine, fwhm))
+            timings["smooth_s"] = time.perf_counter() - tic
+
+        summary["duration_s"] = time.perf_counter() - start
+        summary["peak_memory_mb"] = peak_memory_mb()
+        sidecar = _sidecar(info, 0.0, ref, n_nonfinite, timings, summary, tr)
+        _write_json(tmp["preproc_json"], sidecar)
+        if fwhm > 0:
+            _write_json(tmp["smoothed_json"], {**sidecar, Sidecar.SMOOTHING_FWHM: fwhm})
+    return PreprocResult(run=run, outputs=outputs, summary=summary)
+
+
+def _estimate_motion(store, info, ref: int) -> np.ndarray:
+    """:func:`estimate_motion` on the scratch file, its failures as :class:`InputError`."""
+    try:
+        return estimate_motion(store, info.affine, reference=ref)
+    except ValueError as exc:  # e.g. a reference with too little structure to register
+        raise InputError(f"{info.path.name}: motion correction failed ({exc}).",
+                         cause="The run has too little image structure (not a brain EPI run?).",
+                         action="Check the run in a viewer and upload the BOLD run.") from exc
+
+
+def _series_confounds(store, mask, params):
+    """Confound columns, tSNR and the non-steady-state count, in passes over ``store``.
+
+    The per-voxel time-series measures (DVARS, tSNR) read bounded slabs of voxels
+    (:class:`fmri_preproc.inputs.VoxelSlabs`); the global signal is read volume by volume.
+    """
+    n_volumes = store.shape[3]
+    global_signal = np.array([store[..., t][mask].mean() for t in range(n_volumes)])
+    n_non_steady = non_steady_state(global_signal)
+    slabs = VoxelSlabs(store)
+    dvars_values, std_dvars = dvars(slabs, slabs.mask(mask))
+    columns = confounds_table(params, dvars_values, std_dvars, n_non_steady=n_non_steady)
+    mean_tsnr = float("nan")
+    if n_volumes - n_non_steady > 1:  # tSNR over the steady-state volumes only
+        mean_tsnr = tsnr(_Steady(slabs, n_non_steady), slabs.mask(mask))
+    return columns, mean_tsnr, n_non_steady
+
+
+class _Steady:
+    """Slabs of a :class:`VoxelSlabs` without the first ``skip`` volumes."""
+
+    ndim = 4
+
+    def __init__(self, slabs, skip: int):
+        self.slabs, self.skip = slabs, skip
+        self.shape = (*slabs.shape[:3], slabs.shape[3] - skip)
+
+    def __getitem__(self, index):
+        return self.slabs[index][..., self.skip:]
+
+
+def _summary(columns, n_volumes, ref, mean_tsnr, n_non_steady, n_nonfinite, tr_s) -> dict:
     fd = columns[FRAMEWISE_DISPLACEMENT]
-    summary = {
+    return {
         "n_volumes": n_volumes,
         "reference_volume": ref,
         "max_fd_mm": float(np.nanmax(fd)) if n_volumes > 1 else 0.0,
@@ -161,37 +259,8 @@ def preprocess(
         "n_motion_outliers": sum(c.startswith(MOTION_OUTLIER) for c in columns),
         "n_non_steady_state": n_non_steady,
         "n_nonfinite": n_nonfinite,
+        "repetition_time_s": tr_s,
     }
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {kind: out_dir / run.filename(kind) for kind in _kinds(fwhm)}
-    with _visible_when_complete(outputs) as tmp:
-        tic = time.perf_counter()
-        header = _float_header(info.path)
-        _write_nifti_gz(_image(data, affine, header, "motion corrected"), tmp["preproc_bold"])
-        _write_nifti_gz(_image(boldref, affine, header, "motion reference volume"),
-                        tmp["boldref"])
-        mask_header = header.copy()
-        mask_header.set_data_dtype(np.uint8)
-        _write_nifti_gz(_image(mask.astype(np.uint8), affine, mask_header, "brain mask"),
-                        tmp["brain_mask"])
-        write_tsv(tmp["confounds"], columns)
-        _write_json(tmp["confounds_json"], confounds_metadata(columns))
-        timings["write_s"] = time.perf_counter() - tic
-        if fwhm > 0:
-            tic = time.perf_counter()
-            smooth(data, affine, fwhm, out=data)  # in place, volume by volume
-            _write_nifti_gz(_image(data, affine, header, f"motion corrected, smoothed "
-                                   f"{fwhm:g} mm"), tmp["smoothed_bold"])
-            timings["smooth_s"] = time.perf_counter() - tic
-        del data
-        summary["duration_s"] = time.perf_counter() - start
-        summary["peak_memory_mb"] = peak_memory_mb()
-        sidecar = _sidecar(info, 0.0, ref, n_nonfinite, timings, summary)
-        _write_json(tmp["preproc_json"], sidecar)
-        if fwhm > 0:
-            _write_json(tmp["smoothed_json"], {**sidecar, Sidecar.SMOOTHING_FWHM: fwhm})
-    return PreprocResult(run=run, outputs=outputs, summary=summary)
 
 
 def _run_of(in_file) -> Run:
@@ -239,41 +308,59 @@ def _float_header(path):
     return header
 
 
-def _image(data, affine, header, description: str):
-    """A NIfTI image of ``data`` with the run's header (NIfTI-1 or -2 as the input)."""
+def _image(shape, affine, header, description: str):
+    """The header of a NIfTI image of ``shape`` with the run's header (NIfTI-1 or -2 as the
+    input), as nibabel would write it; no data is allocated."""
     kind = nib.Nifti1Image if isinstance(header, nib.Nifti1Header) else nib.Nifti2Image
-    img = kind(data, affine, header=header)
+    placeholder = np.broadcast_to(np.zeros((), header.get_data_dtype()), shape)  # 0 bytes
+    img = kind(placeholder, affine, header=header)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["descrip"] = f"fmri_preproc: {description}"[:79].encode()
-    if data.ndim == 3:
+    if len(shape) == 3:
         img.header.set_xyzt_units(*header.get_xyzt_units())
-    return img
+    img.update_header()
+    return img.header
 
 
 def _write_json(path, document: dict) -> None:
     Path(path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
-def _write_nifti_gz(img, path) -> None:
-    """Write a NIfTI image gzip-compressed with Huffman-only deflate.
+def _write_nifti_gz(path, header, volumes) -> None:
+    """Write a NIfTI file gzip-compressed, its volumes in a stream, Huffman-only deflate.
 
+    Parameters
+    ----------
+    path : Path
+    header : nibabel.Nifti1Header or Nifti2Header
+        From :func:`_image` (shape, dtype, orientation); written first.
+    volumes : iterable of (X, Y, Z) arrays
+        Written one at a time, in order: memory holds one volume, whatever the run's length.
+
+    Notes
+    -----
     Float32 BOLD data barely compresses (about 94 % of its size at any level); Huffman-only
     coding gives the same size about 2.5x faster than nibabel's default (level 1), and
     the result is an ordinary .nii.gz any reader opens.
     """
+    dtype = header.get_data_dtype()
     # No file name and mtime 0 in the gzip header: the same input gives the same bytes.
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
                                                  compresslevel=1, mtime=0) as gz:
         if hasattr(gz, "compress"):  # CPython's GzipFile keeps its compressor here
             gz.compress = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS,
                                            zlib.DEF_MEM_LEVEL, zlib.Z_HUFFMAN_ONLY)
-        img.to_file_map({"image": nib.FileHolder(fileobj=gz), "header": nib.FileHolder(fileobj=gz)})
+        header.write_to(gz)
+        gz.write(b"\0" * (int(header.get_data_offset()) - gz.tell()))  # to vox_offset
+        for volume in volumes:
+            gz.write(np.asarray(volume, dtype=dtype).tobytes(order="F"))
 
 
-def _sidecar(info, fwhm, ref, n_nonfinite, timings, summary) -> dict:
-    """The BIDS JSON sidecar of the preprocessed run."""
+def _sidecar(info, fwhm, ref, n_nonfinite, timings, summary, tr) -> dict:
+    """The BIDS JSON sidecar of the preprocessed run; ``tr`` = (seconds, its provenance)."""
     return {
-        Sidecar.REPETITION_TIME: info.tr_s,
+        Sidecar.REPETITION_TIME: tr[0],
+        Sidecar.REPETITION_TIME_SOURCE: tr[1],
         Sidecar.SKULL_STRIPPED: False,
         Sidecar.SOURCES: [info.path.name],
         Sidecar.SMOOTHING_FWHM: fwhm,
@@ -285,7 +372,8 @@ def _sidecar(info, fwhm, ref, n_nonfinite, timings, summary) -> dict:
             "ParameterConvention": "M(p) = R (p - c) + c + t, R = Rx Ry Rz, c = field-of-view "
                                    "centre; maps reference to moving "
                                    "(fmri_preproc.params_to_affine)",
-            "Reslicing": "trilinear, once per volume; outside the field of view = 0",
+            "Reslicing": "fmri_preproc.reslice_volume, once per volume; outside the field "
+                         "of view = 0",
         },
         "NonFiniteValuesSetToZero": n_nonfinite,
         "Input": {

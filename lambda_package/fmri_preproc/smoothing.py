@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-__all__ = ["smooth", "fwhm_to_sigma", "gaussian_kernel"]
+__all__ = ["smooth", "smoothed_volumes", "fwhm_to_sigma", "gaussian_kernel"]
 
 # FWHM = sqrt(8 ln 2) * sigma for a Gaussian
 _FWHM_PER_SIGMA = math.sqrt(8.0 * math.log(2.0))
@@ -139,6 +139,29 @@ def smooth(data: np.ndarray, affine: np.ndarray, fwhm: float = 6.0, *, out=None)
     if data.ndim == 3:
         out[...] = smooth_volume(data, sigma)
         return out
-    for t in range(data.shape[3]):  # volume by volume: one volume of scratch memory
-        out[..., t] = smooth_volume(data[..., t], sigma)
+    for t, volume in enumerate(smoothed_volumes(data, affine, fwhm)):
+        out[..., t] = volume
     return out
+
+
+def smoothed_volumes(data, affine: np.ndarray, fwhm: float = 6.0):
+    """Yield each volume of a 4D run smoothed, one at a time (for writing in a stream).
+
+    Parameters
+    ----------
+    data : (X, Y, Z, T) array, or anything read as ``data[..., t]``
+        E.g. a :class:`fmri_preproc.inputs.VolumeFile`: memory then holds one volume and
+        its scratch, whatever the run's length.
+    affine, fwhm
+        As for :func:`smooth`.
+
+    Yields
+    ------
+    volume : (X, Y, Z) ndarray
+        ``smooth(data, affine, fwhm)[..., t]`` for ``t = 0, 1, ...``.
+    """
+    if data.ndim != 4:
+        raise ValueError("data must be 4D")
+    sigma = fwhm_to_sigma(fwhm, affine)
+    for t in range(data.shape[3]):
+        yield smooth_volume(data[..., t], sigma)
