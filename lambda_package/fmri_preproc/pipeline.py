@@ -31,8 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from . import __version__
-from .confounds import (brain_mask, confounds_metadata, confounds_table, dvars, non_steady_state,
-                        tsnr, write_tsv)
+from .confounds import compute_confounds, write_tsv
 from .contract import (FRAMEWISE_DISPLACEMENT, MOTION_OUTLIER, PreprocResult, Run, Sidecar,
                        run_from_key)
 from .inputs import InputError, load_run
@@ -142,13 +141,9 @@ def preprocess(
 
     tic = time.perf_counter()
     boldref = data[..., ref].copy()
-    mask = brain_mask(boldref)
-    dvars_values, std_dvars = dvars(data, mask)
-    global_signal = np.array([data[..., t][mask].mean() for t in range(n_volumes)])
-    n_non_steady = non_steady_state(global_signal)
-    columns = confounds_table(params, dvars_values, std_dvars, n_non_steady=n_non_steady)
-    steady = data[..., n_non_steady:]  # a view: no copy
-    mean_tsnr = tsnr(steady, mask) if steady.shape[3] > 1 else float("nan")
+    found = compute_confounds(data, boldref, params, matrices, affine, tr=info.tr_s)
+    mask, columns = found.brain_mask, found.columns
+    n_non_steady, mean_tsnr = found.n_non_steady, found.tsnr
     timings["confounds_s"] = time.perf_counter() - tic
 
     fd = columns[FRAMEWISE_DISPLACEMENT]
@@ -176,7 +171,7 @@ def preprocess(
         _write_nifti_gz(_image(mask.astype(np.uint8), affine, mask_header, "brain mask"),
                         tmp["brain_mask"])
         write_tsv(tmp["confounds"], columns)
-        _write_json(tmp["confounds_json"], confounds_metadata(columns))
+        _write_json(tmp["confounds_json"], found.metadata)
         timings["write_s"] = time.perf_counter() - tic
         if fwhm > 0:
             tic = time.perf_counter()
