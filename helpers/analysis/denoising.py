@@ -45,8 +45,8 @@ from helpers.analysis.connectome import connectivity_matrices, matrix_error
 from helpers.analysis.motion_qc import qcfc, qcfc_summary
 
 __all__ = ["Strategy", "STRATEGIES", "censor_mask", "strategy_confounds", "clean_signals",
-           "region_means", "StrategyResult", "compare_strategies", "noise_ceiling",
-           "strategy_table", "winners"]
+           "region_means", "StrategyResult", "included_subjects", "compare_strategies", "noise_ceiling",
+           "strategy_table", "winners", "lesson"]
 
 
 @dataclass(frozen=True)
@@ -193,12 +193,34 @@ def clean_signals(means: np.ndarray, *, tr: float, confounds=None, sample_mask=N
 
 @dataclass
 class StrategyResult:
-    """One strategy's matrices and scores across subjects."""
+    """One strategy's matrices and scores across the included subjects."""
 
     strategy: str
     matrices: np.ndarray
     per_subject: pd.DataFrame
     scores: dict
+    included: np.ndarray = None  # (n_subjects,) bool: the subjects scored
+
+
+def included_subjects(fd_traces: list, fd_threshold: float, *,
+                      min_kept_fraction: float = 0.5) -> np.ndarray:
+    """Subjects that keep at least ``min_kept_fraction`` of their volumes after censoring.
+
+    Parkes et al. (2018) exclude subjects whom censoring leaves too little data: with
+    fewer volumes than regressors the regression fits noise perfectly, and a subject's
+    matrix then tracks how much was censored (hence motion) rather than the brain. The
+    same subjects are used for every strategy, so the comparison stays paired.
+
+    Returns
+    -------
+    (n_subjects,) bool ndarray
+    """
+    keep = []
+    for fd in fd_traces:
+        mask = censor_mask(fd, fd_threshold)
+        kept = len(fd) if mask is None else len(mask)
+        keep.append(kept >= min_kept_fraction * len(fd))
+    return np.array(keep)
 
 
 def _score(matrices, mean_fd, distances, true_matrix) -> dict:
@@ -217,7 +239,8 @@ def _score(matrices, mean_fd, distances, true_matrix) -> dict:
 
 def compare_strategies(means: list, preproc_paths: list, fd_traces: list, *, tr: float,
                        strategies=None, distances=None, true_matrix=None,
-                       fd_threshold: float = 0.5, low_pass=0.1, high_pass=0.01) -> dict:
+                       fd_threshold: float = 0.5, min_kept_fraction: float = 0.5,
+                       low_pass=0.1, high_pass=0.01) -> dict:
     """Clean every subject with every strategy and score each strategy.
 
     Parameters
@@ -238,6 +261,9 @@ def compare_strategies(means: list, preproc_paths: list, fd_traces: list, *, tr:
         True correlation matrix, for ``matrix_error``.
     fd_threshold : float
         Censoring threshold (mm) of scrubbing strategies.
+    min_kept_fraction : float
+        Subjects whom censoring would leave less than this share of their volumes are left
+        out of every strategy (:func:`included_subjects`).
 
     Returns
     -------
@@ -247,6 +273,10 @@ def compare_strategies(means: list, preproc_paths: list, fd_traces: list, *, tr:
         ``matrix_error`` (mean over subjects).
     """
     strategies = list(STRATEGIES.values()) if strategies is None else list(strategies)
+    included = included_subjects(fd_traces, fd_threshold, min_kept_fraction=min_kept_fraction)
+    means = [m for m, ok in zip(means, included) if ok]
+    preproc_paths = [p for p, ok in zip(preproc_paths, included) if ok]
+    fd_traces = [f for f, ok in zip(fd_traces, included) if ok]
     mean_fd = np.array([np.nanmean(fd) for fd in fd_traces])
     results = {}
     for strategy in strategies:
@@ -266,7 +296,8 @@ def compare_strategies(means: list, preproc_paths: list, fd_traces: list, *, tr:
             table["matrix_error"] = [matrix_error(m, true_matrix) for m in matrices]
         scores = _score(matrices, mean_fd, distances, true_matrix)
         scores["tdof_loss"] = float(table["tdof_loss"].mean())
-        results[strategy.name] = StrategyResult(strategy.name, matrices, table, scores)
+        results[strategy.name] = StrategyResult(strategy.name, matrices, table, scores,
+                                                included)
     return results
 
 
@@ -317,3 +348,53 @@ def winners(table: pd.DataFrame) -> dict:
         values = table[metric].abs() if metric == "qcfc_distance_rho" else table[metric]
         best[metric] = str(values.idxmin())
     return best
+
+
+def lesson(table: pd.DataFrame, *, raw: dict | None = None,
+           ceiling: dict | None = None) -> tuple[str, dict]:
+    """What the numbers say, as sentences built from them (and the claims, for tests).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        :func:`strategy_table` of the preprocessed runs.
+    raw : dict, optional
+        Scores of the raw runs analysed with no regression (a ``StrategyResult.scores``).
+    ceiling : dict, optional
+        :func:`noise_ceiling`.
+
+    Returns
+    -------
+    text : str
+        Markdown.
+    claims : dict
+        ``winners`` (metric -> strategy), ``preproc_beats_raw_error`` and
+        ``preproc_beats_raw_qcfc`` (the best strategy against raw; None without raw),
+        ``error_over_ceiling`` (strategy -> error / ceiling).
+    """
+    best = winners(table)
+    claims: dict = {"winners": best, "preproc_beats_raw_error": None,
+                    "preproc_beats_raw_qcfc": None, "error_over_ceiling": {}}
+    lines = [f"* **{metric}**: best is **{name}** ({table.loc[name, metric]:.3g})"
+             for metric, name in best.items()]
+    if raw is not None:
+        err = table["matrix_error"].min()
+        qc = table["qcfc_fraction_p05"].min()
+        claims["preproc_beats_raw_error"] = bool(err < raw["matrix_error"])
+        claims["preproc_beats_raw_qcfc"] = bool(qc < raw["qcfc_fraction_p05"])
+        lines.append(
+            f"* Against the raw runs (no realignment, no regression; error "
+            f"{raw['matrix_error']:.3f}, QC-FC p < 0.05 on {100 * raw['qcfc_fraction_p05']:.1f} "
+            f"% of edges): the best preprocessed error ({err:.3f}) is "
+            f"{'lower' if claims['preproc_beats_raw_error'] else 'not lower'}, and the best "
+            f"QC-FC ({100 * qc:.1f} %) is "
+            f"{'lower' if claims['preproc_beats_raw_qcfc'] else 'not lower'}.")
+    if ceiling:
+        ratios = (table["matrix_error"] / ceiling["signals"]).to_dict()
+        claims["error_over_ceiling"] = {k: float(v) for k, v in ratios.items()}
+        lines.append(
+            f"* Noise ceiling: noise-free signals reach an error of {ceiling['signals']:.3f} "
+            f"(sampling alone), the motion-free noisy twins {ceiling['nomotion']:.3f}. The "
+            "strategies' errors are " + ", ".join(
+                f"{k} {v:.2f}x" for k, v in ratios.items()) + " the best achievable.")
+    return "\n".join(lines), claims
