@@ -330,21 +330,22 @@ def noise_ceiling(true_signals: list, twin_means: list, true_matrix, *, tr: floa
     return {"signals": error(true_signals), "nomotion": error(twin_means)}
 
 
-#: For each metric, whether lower is better (all are, except none).
+#: The benchmark metrics; lower is better for all (|rho| for the distance dependence).
 METRICS = ("qcfc_fraction_p05", "qcfc_median_abs", "qcfc_distance_rho", "tdof_loss",
            "matrix_error")
 
 
 def strategy_table(results: dict) -> pd.DataFrame:
     """Strategies as rows, metrics as columns (``qcfc_distance_rho`` as |rho|: 0 is best)."""
-    return pd.DataFrame({name: res.scores for name, res in results.items()}).T[list(METRICS)]
+    table = pd.DataFrame({name: res.scores for name, res in results.items()}).T
+    return table.reindex(columns=list(METRICS))  # a metric without its input stays NaN
 
 
 def winners(table: pd.DataFrame) -> dict:
     """The best strategy per metric: lowest value (lowest |rho| for the distance
     dependence)."""
     best = {}
-    for metric in table.columns:
+    for metric in table.columns[table.notna().any()]:
         values = table[metric].abs() if metric == "qcfc_distance_rho" else table[metric]
         best[metric] = str(values.idxmin())
     return best
@@ -377,7 +378,7 @@ def lesson(table: pd.DataFrame, *, raw: dict | None = None,
                     "preproc_beats_raw_qcfc": None, "error_over_ceiling": {}}
     lines = [f"* **{metric}**: best is **{name}** ({table.loc[name, metric]:.3g})"
              for metric, name in best.items()]
-    if raw is not None:
+    if raw is not None and "matrix_error" in raw and "qcfc_fraction_p05" in raw:
         err = table["matrix_error"].min()
         qc = table["qcfc_fraction_p05"].min()
         claims["preproc_beats_raw_error"] = bool(err < raw["matrix_error"])
