@@ -95,3 +95,32 @@ def test_notebook_claims_hold_at_fixed_seeds(study):
     assert ceiling["nomotion"] > ceiling["signals"]
     assert table.loc["36P", "tdof_loss"] == 36 and table.loc["none", "tdof_loss"] == 0
     assert table.loc["24P+scrub", "tdof_loss"] >= 24
+
+
+@pytest.mark.slow
+def test_truth_sits_where_the_engine_realigns_to(study):
+    """The fair truth: the engine's reference volume is the one the labels were drawn at, so
+    the engine's motion there is zero and the true motion there is zero too."""
+    import json
+
+    import nibabel as nib
+
+    from fmri_preproc.contract import MOTION_PARAMS, Sidecar
+    from fmri_preproc.motion import reference_index
+
+    _, runs, truth = study
+    for _, row in runs.iterrows():
+        sidecar = json.loads(open(row["sidecar"]).read())
+        ref = sidecar[Sidecar.REFERENCE_VOLUME]
+        assert ref == reference_index("middle", STUDY.n_volumes)
+        true = truth["motion"][f"sub-{row['subject']}"]
+        assert np.allclose(true[ref], 0, atol=1e-9)
+        est = pd.read_csv(row["confounds"], sep="\t")[list(MOTION_PARAMS)].to_numpy()
+        assert np.allclose(est[ref], 0, atol=1e-6)
+        # and the truth's brain mask agrees with the engine's mask of its reference volume
+        engine_mask = np.asarray(nib.load(str(row["preproc"]).replace(
+            "desc-preproc_bold", "desc-brain_mask")).dataobj) > 0
+        true_mask = np.asarray(nib.load(truth["labels_img"].with_name("brain_mask.nii.gz"))
+                               .dataobj) > 0
+        dice = 2 * (engine_mask & true_mask).sum() / (engine_mask.sum() + true_mask.sum())
+        assert dice > 0.8, (row["subject"], dice)
