@@ -124,3 +124,17 @@ def test_truth_sits_where_the_engine_realigns_to(study):
                                .dataobj) > 0
         dice = 2 * (engine_mask & true_mask).sum() / (engine_mask.sum() + true_mask.sum())
         assert dice > 0.8, (row["subject"], dice)
+
+
+def test_strategy_figure_marks_the_best_and_the_references():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from helpers.analysis import figures
+
+    table = pd.DataFrame({"qcfc_distance_rho": [-0.3, 0.1, 0.2]}, index=["a", "b", "c"])
+    fig = figures.plot_strategy_metric(table, "qcfc_distance_rho", reference={"zero": 0.0})
+    colours = [bar.get_facecolor() for bar in fig.axes[0].patches]
+    # |rho| = 0.1 is best: only "b" is highlighted
+    assert len(colours) == 3 and colours[0] == colours[2] != colours[1]
+    assert fig.axes[0].get_legend() is not None

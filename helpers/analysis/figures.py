@@ -471,7 +471,8 @@ def plot_strategy_metric(table: pd.DataFrame, metric: str, *, reference: dict | 
     """
     label, scale = _METRIC_LABELS.get(metric, (metric, 1.0))
     if ax is None:
-        _, ax = plt.subplots(figsize=(7.5, 0.45 * len(table) + 1.2), constrained_layout=True)
+        height = 0.45 * len(table) + 1.2 + 0.4 * bool(reference)
+        _, ax = plt.subplots(figsize=(7.5, height), constrained_layout=True)
     values = table[metric].astype(float) * scale
     best = (values.abs() if metric == "qcfc_distance_rho" else values).idxmin()
     colours = ["C2" if name == best else "0.6" for name in table.index]
@@ -481,8 +482,9 @@ def plot_strategy_metric(table: pd.DataFrame, metric: str, *, reference: dict | 
     for k, (name, value) in enumerate((reference or {}).items()):
         ax.axvline(value * scale, color=f"C{k + 3}", ls="--", lw=1.2, label=name)
     if reference:
-        ax.legend(fontsize=9, loc="lower right")
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
     ax.axvline(0, color="k", lw=0.8)
+    ax.margins(x=0.12)  # room for the value labels
     ax.invert_yaxis()
     ax.set_xlabel(label)
     ax.set_title(f"{label}: best in green (lower is better)", fontsize=10)
