@@ -180,8 +180,9 @@ def test_summary_has_the_documented_keys(run, tmp_path):
     summary = evaluation.summarize(results, true_connectivity=run.true_connectivity,
                              true_networks=run.regions["network"])
     for key in ("sub-01", "group"):
-        for metric in ("ari", "matrix_error", "qcfc"):
+        for metric in ("ari", "matrix_error", "fd_coupling"):
             assert set(summary[key][metric]) == {"raw", "preproc"}
+    assert set(summary["group"]["qcfc"]) == {"raw", "preproc"}
     path = evaluation.write_summary(summary, tmp_path / "results" / "connectivity_summary.json")
     assert json.loads(path.read_text())["group"]["n_subjects"] == 3
 

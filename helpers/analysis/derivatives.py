@@ -7,7 +7,6 @@ interface so that the same code reads real fMRIPrep output.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,16 +119,19 @@ def load_motion_confounds(preproc_path, *, fd_threshold: float = 0.5,
     Notes
     -----
     This calls :func:`nilearn.interfaces.fmriprep.load_confounds` with
-    ``strategy=("motion", "scrub")`` and ``motion="full"``: the 24-parameter model of
-    Friston et al. (1996) with motion censoring ("scrubbing", Power et al. 2014).
+    ``strategy=("motion", "scrub")`` and ``motion="full"``: the 24-parameter model
+    (parameters, derivatives and squares; Satterthwaite et al. 2013,
+    :doi:`10.1016/j.neuroimage.2012.08.052`) with motion censoring ("scrubbing", Power et
+    al. 2012, :doi:`10.1016/j.neuroimage.2011.10.018`). nilearn censors the flagged volumes
+    only; :func:`helpers.analysis.denoising.censor_mask` also censors their neighbours.
     """
     from nilearn.interfaces.fmriprep import load_confounds
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        confounds, sample_mask = load_confounds(
-            str(preproc_path), strategy=("motion", "scrub"), motion="full", scrub=scrub,
-            fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold)
+    # no warning filter: on the engine's confounds nilearn warns of nothing, and a warning
+    # on other data (a missing column, a changed default) is worth seeing
+    confounds, sample_mask = load_confounds(
+        str(preproc_path), strategy=("motion", "scrub"), motion="full", scrub=scrub,
+        fd_threshold=fd_threshold, std_dvars_threshold=std_dvars_threshold)
     return confounds, sample_mask
 
 

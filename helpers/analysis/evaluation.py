@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from helpers.analysis.denoising import strategy_table, winners
 from helpers.analysis.motion_qc import fd_coupling, qcfc, qcfc_summary
 from helpers.analysis.connectome import (connectivity_matrices, fisher_z, matrix_error,
                                        network_recovery)
@@ -106,7 +107,8 @@ def _none_if_nan(value):
 
 
 def summarize(results: dict, *, distances=None, true_connectivity=None, true_networks=None,
-              seed: int = 0) -> dict:
+              seed: int = 0, strategies: dict | None = None,
+              noise_ceiling: dict | None = None) -> dict:
     """The summary written to ``connectivity_summary.json``.
 
     Parameters
@@ -117,14 +119,21 @@ def summarize(results: dict, *, distances=None, true_connectivity=None, true_net
         Inter-region distances (mm) for QC-FC's distance dependence.
     true_connectivity, true_networks : optional
         Ground truth, for the group matrix's error and ARI.
+    strategies : dict, optional
+        Strategy name -> :class:`helpers.analysis.denoising.StrategyResult`; written as
+        ``strategies`` {name: {qcfc_fraction_p05, qcfc_median_abs, qcfc_distance_rho,
+        tdof_loss, matrix_error}} with ``winners`` (best strategy per metric).
+    noise_ceiling : dict, optional
+        :func:`helpers.analysis.denoising.noise_ceiling`, written as ``noise_ceiling``.
 
     Returns
     -------
     dict
-        ``{subject: {"ari": {arm: ...}, "matrix_error": {...}, "qcfc": {...}, ...},
-        "group": {...}, "definitions": {...}}``. Per subject, ``qcfc`` is the within-subject
-        FD coupling (:func:`fd_coupling`); under ``group`` it is the median absolute QC-FC
-        across edges. Group ``ari`` and ``matrix_error`` are means over subjects.
+        ``{subject: {"ari": {arm: ...}, "matrix_error": {...}, "fd_coupling": {...}, ...},
+        "group": {...}, "definitions": {...}}`` (+ ``strategies``, ``winners`` and
+        ``noise_ceiling`` when given). Per subject, ``fd_coupling`` is the within-subject
+        FD coupling (:func:`fd_coupling`); under ``group``, ``qcfc`` is the median absolute
+        QC-FC across edges. Group ``ari`` and ``matrix_error`` are means over subjects.
     """
     arms = list(results)
     summary: dict = {}
@@ -132,18 +141,20 @@ def summarize(results: dict, *, distances=None, true_connectivity=None, true_net
     for k, subject in enumerate(first.subjects):
         entry = {}
         for key, column in (("ari", "ari"), ("matrix_error", "matrix_error"),
-                            ("qcfc", "fd_coupling")):
+                            ("fd_coupling", "fd_coupling")):
             entry[key] = {arm: _none_if_nan(results[arm].per_subject[column].iloc[k])
                           for arm in arms}
         entry["mean_fd"] = _none_if_nan(first.mean_fd[k])
         entry["kept_volumes"] = {arm: int(results[arm].kept[k]) for arm in arms}
         summary[subject] = entry
-    group: dict = {"ari": {}, "matrix_error": {}, "qcfc": {}, "qcfc_fraction_p05": {},
+    group: dict = {"ari": {}, "matrix_error": {}, "fd_coupling": {}, "qcfc": {},
+                   "qcfc_fraction_p05": {},
                    "qcfc_distance_rho": {}, "ari_group_matrix": {}, "matrix_error_group_matrix": {}}
     for arm in arms:
         res = results[arm]
         group["ari"][arm] = _none_if_nan(res.per_subject["ari"].mean())
         group["matrix_error"][arm] = _none_if_nan(res.per_subject["matrix_error"].mean())
+        group["fd_coupling"][arm] = _none_if_nan(res.per_subject["fd_coupling"].mean())
         if len(res.subjects) >= 3:
             r, p = qcfc(res.matrices, res.mean_fd)
             qc = qcfc_summary(r, p, distances)
@@ -161,12 +172,25 @@ def summarize(results: dict, *, distances=None, true_connectivity=None, true_net
             if true_connectivity is not None else None)
     group["n_subjects"] = len(first.subjects)
     summary["group"] = group
+    if strategies:
+        summary["strategies"] = {name: {k: _none_if_nan(v) for k, v in res.scores.items()}
+                                 for name, res in strategies.items()}
+        summary["winners"] = winners(strategy_table(strategies))
+    if noise_ceiling:
+        summary["noise_ceiling"] = {k: _none_if_nan(v) for k, v in noise_ceiling.items()}
     summary["definitions"] = {
         "ari": "adjusted Rand index, Louvain communities of the correlation matrix vs true "
                "networks",
         "matrix_error": "RMS difference between estimated and true correlation (off-diagonal)",
-        "qcfc": "per subject: mean |corr(FD, region signal)|; group: median |QC-FC| over edges "
-                "(corr across subjects of mean FD with Fisher-z edge strength)",
+        "fd_coupling": "per subject: mean |corr(FD, region signal)| over regions",
+        "qcfc": "median |QC-FC| over edges (corr across subjects of mean FD with Fisher-z "
+                "edge strength; Power 2012, Ciric 2017)",
+        "strategies": "per denoising strategy: qcfc_fraction_p05 (share of edges with QC-FC "
+                      "p < 0.05), qcfc_median_abs, qcfc_distance_rho (Spearman rho of QC-FC "
+                      "with inter-region distance), tdof_loss (regressors + censored "
+                      "volumes, mean over subjects), matrix_error (mean RMS error vs truth)",
+        "noise_ceiling": "matrix_error of the noise-free motion-free signals (signals) and "
+                         "of the motion-free noisy twins without regression (nomotion)",
         "group": "ari and matrix_error are means over subjects; *_group_matrix use the "
                  "group-average matrix",
     }

@@ -442,6 +442,55 @@ def plot_raw_vs_preproc(per_subject: dict):
 # Interactive viewers
 
 
+_METRIC_LABELS = {
+    "qcfc_fraction_p05": ("QC-FC: edges with p < 0.05 (%)", 100.0),
+    "qcfc_median_abs": ("QC-FC: median |r| over edges", 1.0),
+    "qcfc_distance_rho": ("QC-FC distance dependence (Spearman rho)", 1.0),
+    "tdof_loss": ("tDOF-loss (regressors + censored volumes)", 1.0),
+    "matrix_error": ("error vs truth (RMS of r)", 1.0),
+}
+
+
+def plot_strategy_metric(table: pd.DataFrame, metric: str, *, reference: dict | None = None,
+                         ax=None):
+    """One benchmark metric across denoising strategies, as horizontal bars.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Strategies as rows (:func:`helpers.analysis.denoising.strategy_table`).
+    metric : str
+        A column of ``table``.
+    reference : dict, optional
+        Name -> value of dashed reference lines (a chance level, a noise ceiling).
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    label, scale = _METRIC_LABELS.get(metric, (metric, 1.0))
+    if ax is None:
+        height = 0.45 * len(table) + 1.2 + 0.4 * bool(reference)
+        _, ax = plt.subplots(figsize=(7.5, height), constrained_layout=True)
+    values = table[metric].astype(float) * scale
+    best = (values.abs() if metric == "qcfc_distance_rho" else values).idxmin()
+    colours = ["C2" if name == best else "0.6" for name in table.index]
+    ax.barh(table.index, values, color=colours)
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.3g}", va="center", fontsize=9)
+    for k, (name, value) in enumerate((reference or {}).items()):
+        ax.axvline(value * scale, color=f"C{k + 3}", ls="--", lw=1.2, label=name)
+    if reference:
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.margins(x=0.12)  # room for the value labels
+    ax.invert_yaxis()
+    ax.set_xlabel(label)
+    ax.set_title(f"{label}: best in green (lower is better)", fontsize=10)
+    return ax.figure
+
+
 def widget_viewer(draw, controls: dict, *, note: str = "Move a control to draw the figure."):
     """A small interactive viewer: controls above, the figure drawn by ``draw`` below.
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .contract import (DVARS, FRAMEWISE_DISPLACEMENT, MOTION_OUTLIER, MOTION_PARAMS,
-                       NON_STEADY_STATE, STD_DVARS, expansion_names, indexed_column)
+from dataclasses import dataclass
+
+from .contract import (A_COMP_COR, COSINE, CSF, DVARS, FRAMEWISE_DISPLACEMENT, GLOBAL_SIGNAL,
+                       MOTION_OUTLIER, MOTION_PARAMS, NON_STEADY_STATE, RMSD, STD_DVARS,
+                       WHITE_MATTER, expansion_names, indexed_column)
+from .transforms import fov_centre, rms_deviation
 
 __all__ = [
     "framewise_displacement",
@@ -22,6 +26,14 @@ __all__ = [
     "confounds_table",
     "confounds_metadata",
     "write_tsv",
+    "tissue_masks",
+    "tissue_signals",
+    "signal_expansion",
+    "cosine_drift",
+    "acompcor",
+    "rmsd",
+    "RunConfounds",
+    "compute_confounds",
 ]
 
 
@@ -237,6 +249,12 @@ _DESCRIPTIONS = {
 }
 
 
+_TISSUES = {GLOBAL_SIGNAL: "Mean signal over the brain mask",
+            CSF: "Mean signal over the CSF mask (brightest interior EPI voxels)",
+            WHITE_MATTER: "Mean signal over the white-matter mask (darkest interior EPI "
+                          "voxels, eroded)"}
+
+
 def confounds_metadata(columns: dict[str, np.ndarray]) -> dict[str, dict]:
     """The confounds file's JSON sidecar: a description (and units) of every column.
 
@@ -246,6 +264,7 @@ def confounds_metadata(columns: dict[str, np.ndarray]) -> dict[str, dict]:
     meta = {}
     for name in columns:
         base = next((b for b in MOTION_PARAMS if name.startswith(b)), None)
+        tissue = next((b for b in _TISSUES if name.startswith(b)), None)
         if name in _DESCRIPTIONS:
             units, text = _DESCRIPTIONS[name]
         elif base is not None:
@@ -254,6 +273,16 @@ def confounds_metadata(columns: dict[str, np.ndarray]) -> dict[str, dict]:
             units = units if kind == "parameter" else (f"{units}^2" if "power2" in kind else units)
             text = (f"Rigid-body {base} ({kind}); translations along and rotations about the "
                     "world axes, about the field-of-view centre (fmri_preproc.params_to_affine).")
+        elif tissue is not None:
+            kind = name[len(tissue):].lstrip("_") or "mean"
+            units = "a.u.^2" if "power2" in kind else "a.u."
+            text = f"{_TISSUES[tissue]} ({kind}), per volume, after realignment."
+        elif name == RMSD:
+            units, text = "mm", ("RMS deviation from the previous volume over an 80 mm "
+                                 "sphere (Jenkinson 1999); first volume n/a.")
+        elif name.startswith(COSINE):
+            units, text = "", ("Discrete cosine basis regressor for drifts slower than "
+                               f"{HIGH_PASS_PERIOD_S:g} s (high-pass filter).")
         elif name.startswith(MOTION_OUTLIER):
             units, text = "", "Indicator of a volume with FD > 0.5 mm or std_dvars > 1.5."
         elif name.startswith(NON_STEADY_STATE):
@@ -276,3 +305,305 @@ def write_tsv(path, columns: dict[str, np.ndarray]) -> None:
                 value = float(columns[name][i])
                 row.append("n/a" if not np.isfinite(value) else f"{value:.10g}")
             f.write("\t".join(row) + "\n")
+
+
+# ------------------------------------------------------------------------------------------
+# Tissue signals, aCompCor, drift and RMSD (fMRIPrep's columns for denoising strategies)
+
+#: fMRIPrep's high-pass cut-off for cosine regressors and aCompCor's pre-filter (s).
+HIGH_PASS_PERIOD_S = 128.0
+#: Cumulative variance a_comp_cor components must explain (fMRIPrep keeps 50 %).
+ACOMPCOR_VARIANCE = 0.5
+
+
+def _erode(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """Binary erosion with the 6-neighbourhood; voxels at the grid's edge are eroded too."""
+    out = mask.copy()
+    for _ in range(iterations):
+        padded = np.pad(out, 1, constant_values=False)
+        core = padded[1:-1, 1:-1, 1:-1].copy()
+        for axis in range(3):
+            for step in (-1, 1):
+                core &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+        out = core
+    return out
+
+
+def tissue_masks(reference: np.ndarray, brain: np.ndarray, *, csf_fraction: float = 0.05,
+                 wm_fraction: float = 0.25, min_voxels: int = 10) -> dict[str, np.ndarray]:
+    """CSF and white-matter masks from the EPI reference volume alone (no T1w, no template).
+
+    In T2*-weighted EPI at 3 T the contrast is CSF > grey matter > white matter (T2* and
+    proton density both rank them so), so inside the brain the brightest voxels are CSF
+    (ventricles, sulci) and the darkest are white matter. Both are taken from the brain
+    mask eroded twice, which drops the brain's edge: partial volumes with the scalp and the
+    dark background would otherwise read as "WM". The WM mask is eroded once more
+    (fMRIPrep erodes its WM mask for aCompCor, to keep grey-matter signal out of it);
+    if that would leave fewer than ``min_voxels`` the uneroded one is kept. At 3-4 mm voxels
+    the brightest 5 % share their voxels with grey matter (on the simulated head they are
+    about 40 % CSF, four times the brain's share): a CSF regressor from EPI alone is
+    CSF-weighted, not pure, which aCompCor tolerates because it takes several components.
+
+    Parameters
+    ----------
+    reference : (X, Y, Z) array
+        The motion reference volume (``boldref``).
+    brain : (X, Y, Z) bool array
+        Brain mask (:func:`brain_mask`).
+    csf_fraction, wm_fraction : float
+        Share of the eroded brain's voxels taken as CSF (brightest) and WM (darkest).
+    min_voxels : int
+        Smallest acceptable mask; below it a mask falls back to its uneroded version.
+
+    Returns
+    -------
+    dict
+        ``{"csf": mask, "white_matter": mask, "combined": csf | white_matter}`` (bool).
+
+    References
+    ----------
+    .. [1] Behzadi Y, Restom K, Liau J, Liu TT (2007). A component based noise correction
+       method (CompCor) for BOLD and perfusion based fMRI. NeuroImage 37:90-101.
+       :doi:`10.1016/j.neuroimage.2007.04.042`
+    """
+    if reference.shape != brain.shape:
+        raise ValueError("reference and brain mask must have the same shape")
+    interior = _erode(brain, 2)
+    if interior.sum() < 4 * min_voxels:  # a tiny brain (small test grids): no erosion
+        interior = brain
+    values = reference[interior]
+    csf = interior & (reference >= np.quantile(values, 1.0 - csf_fraction))
+    wm = interior & (reference <= np.quantile(values, wm_fraction))
+    eroded = _erode(wm, 1)
+    wm = eroded if eroded.sum() >= min_voxels else wm
+    return {CSF: csf, WHITE_MATTER: wm, "combined": csf | wm}
+
+
+def tissue_signals(data, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mean signal per volume in each mask, read one volume at a time.
+
+    ``data`` is anything indexable as ``data[..., t]`` (an array or a ``np.memmap``); no
+    more than one float64 volume is held at a time.
+    """
+    n_t = data.shape[-1]
+    out = {name: np.empty(n_t) for name in masks}
+    for t in range(n_t):
+        volume = np.asarray(data[..., t], dtype=np.float64)
+        for name, mask in masks.items():
+            out[name][t] = volume[mask].mean()
+    return out
+
+
+def signal_expansion(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
+    """``name``, ``name_derivative1``, ``name_power2``, ``name_derivative1_power2``
+    (fMRIPrep's expansion; backward difference, first row NaN)."""
+    values = np.asarray(values, dtype=np.float64)
+    d = np.concatenate([[np.nan], np.diff(values)])
+    return dict(zip(expansion_names(name), (values, d, values**2, d**2)))
+
+
+def cosine_drift(n_volumes: int, tr: float, *, period_s: float = HIGH_PASS_PERIOD_S) -> np.ndarray:
+    """Discrete cosine basis that spans drifts slower than ``period_s`` (fMRIPrep's
+    ``cosine00`` ...).
+
+    As Nipype's ``_cosine_drift`` (used by fMRIPrep): ``order = floor(2 T TR / period)``;
+    columns ``sqrt(2 / T) cos(pi k (n + 1/2) / T)`` for ``k = 1 .. order - 1`` (the
+    constant is left out). nilearn's ``create_cosine_drift`` has the same columns and one
+    more (``k = order``).
+
+    Returns
+    -------
+    (T, K) ndarray
+        ``K = order - 1`` may be 0 for short runs.
+    """
+    if not (np.isfinite(tr) and tr > 0):
+        raise ValueError("tr must be a positive number of seconds")
+    order = int(np.floor(2.0 * n_volumes * tr / period_s))
+    n = np.arange(n_volumes)
+    k = np.arange(1, max(order, 1))
+    return np.sqrt(2.0 / n_volumes) * np.cos(np.pi / n_volumes * (n[:, None] + 0.5) * k[None])
+
+
+def acompcor(series: np.ndarray, drift: np.ndarray, *,
+             variance: float = ACOMPCOR_VARIANCE) -> tuple[np.ndarray, list[dict]]:
+    """Anatomical CompCor: principal components of the noise-tissue voxels.
+
+    As fMRIPrep (Nipype ``compute_noise_components``): each voxel's series is
+    high-passed by regressing out a constant and the cosine basis, scaled to unit
+    variance, and decomposed by SVD; components are kept until they explain ``variance``
+    of the variance (50 %).
+
+    Parameters
+    ----------
+    series : (V, T) array
+        Time series of the combined WM + CSF mask's voxels.
+    drift : (T, K) array
+        Cosine regressors (:func:`cosine_drift`).
+    variance : float
+        Cumulative variance explained by the retained components.
+
+    Returns
+    -------
+    components : (T, n_retained) ndarray
+        Retained components (unit-norm temporal singular vectors).
+    metadata : list of dict
+        One per component (retained or not): ``SingularValue``, ``VarianceExplained``,
+        ``CumulativeVarianceExplained``, ``Retained``.
+
+    References
+    ----------
+    .. [1] Behzadi Y et al. (2007). :doi:`10.1016/j.neuroimage.2007.04.042`
+    .. [2] Esteban O et al. (2019). fMRIPrep: a robust preprocessing pipeline for functional
+       MRI. Nat Methods 16:111-116. :doi:`10.1038/s41592-018-0235-4`
+    """
+    x = np.asarray(series, dtype=np.float64).T  # (T, V)
+    design = np.column_stack([np.ones(len(x)), drift])
+    x = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
+    sd = x.std(axis=0)
+    x = x / np.where(sd > 0, sd, 1.0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    keep = s > s[0] * 1e-10 if s.size else s.astype(bool)
+    u, s = u[:, keep], s[keep]
+    explained = s**2 / np.sum(s**2)
+    cumulative = np.cumsum(explained)
+    n_keep = int(np.searchsorted(cumulative, variance) + 1) if s.size else 0
+    metadata = [{"SingularValue": float(s[k]), "VarianceExplained": float(explained[k]),
+                 "CumulativeVarianceExplained": float(cumulative[k]), "Retained": k < n_keep}
+                for k in range(len(s))]
+    return u[:, :n_keep], metadata
+
+
+def rmsd(matrices, affine: np.ndarray, shape, *, radius: float = 80.0) -> np.ndarray:
+    """RMS deviation (mm) of each volume from the previous one (Jenkinson 1999), as
+    fMRIPrep's ``rmsd`` (MCFLIRT's relative RMS); first value NaN.
+
+    An 80 mm sphere about the field-of-view centre; ``matrices`` are the engine's motion
+    matrices (reference -> moving, world mm).
+    """
+    centre = fov_centre(affine, shape)
+    values = [rms_deviation(matrices[t], matrices[t - 1], radius=radius, centre=centre)
+              for t in range(1, len(matrices))]
+    return np.concatenate([[np.nan], values])
+
+
+@dataclass
+class RunConfounds:
+    """Everything :func:`compute_confounds` derives from a realigned run.
+
+    Attributes
+    ----------
+    columns : dict of str to (T,) ndarray
+        The TSV's columns, fMRIPrep's names and order of kinds.
+    metadata : dict
+        The TSV's JSON sidecar (:func:`confounds_metadata` plus a_comp_cor metadata).
+    brain_mask, csf_mask, wm_mask : (X, Y, Z) bool ndarray
+    n_non_steady : int
+    tsnr : float
+        Median tSNR over the brain after the non-steady volumes (NaN for one volume).
+    """
+
+    columns: dict
+    metadata: dict
+    brain_mask: np.ndarray
+    csf_mask: np.ndarray
+    wm_mask: np.ndarray
+    n_non_steady: int
+    tsnr: float
+
+
+def compute_confounds(data, reference: np.ndarray, params: np.ndarray, matrices, affine,
+                      *, tr: float | None, slabs=None) -> RunConfounds:
+    """All confounds of a realigned run, reading it one volume (or one slab) at a time.
+
+    Parameters
+    ----------
+    data : (X, Y, Z, T) array-like
+        The realigned run; anything indexable as ``data[..., t]`` and ``data[:, :, z0:z1]``
+        (a float32 array or a ``np.memmap``). No float64 copy of the run is made.
+    reference : (X, Y, Z) array
+        The reference volume (``boldref``): brain and tissue masks come from it.
+    params : (T, 6) array
+        Motion parameters (mm, radians).
+    matrices : (T, 4, 4) array
+        Motion matrices (for ``rmsd``).
+    affine : (4, 4) array
+        The run's voxel-to-world affine.
+    tr : float or None
+        Repetition time (s); without it no cosine regressors are written and aCompCor is
+        high-passed by a constant only.
+    slabs : optional
+        Another view of ``data`` for the per-voxel time-series passes (DVARS, tSNR), read as
+        ``slabs[:, :, z0:z1]``, with a ``mask(mask)`` method that lays a spatial mask out on
+        its grid (:class:`fmri_preproc.inputs.VoxelSlabs`, for a run kept in a scratch file).
+        By default ``data`` itself.
+
+    Returns
+    -------
+    RunConfounds
+    """
+    n_t = data.shape[-1]
+    brain = brain_mask(reference)
+    tissues = tissue_masks(reference, brain)
+    means = tissue_signals(data, {GLOBAL_SIGNAL: brain, CSF: tissues[CSF],
+                                  WHITE_MATTER: tissues[WHITE_MATTER]})
+    n_non_steady = non_steady_state(means[GLOBAL_SIGNAL])
+    series, series_mask = (data, brain) if slabs is None else (slabs, slabs.mask(brain))
+    dvars_values, std_dvars = (dvars(series, series_mask) if n_t > 1
+                               else (np.full(1, np.nan),) * 2)
+    columns: dict[str, np.ndarray] = {}
+    for name in (GLOBAL_SIGNAL, CSF, WHITE_MATTER):
+        columns.update(signal_expansion(name, means[name]))
+    motion = confounds_table(params, dvars_values, std_dvars, n_non_steady=n_non_steady)
+    columns.update(motion)
+    columns[RMSD] = rmsd(matrices, affine, reference.shape)
+    drift = cosine_drift(n_t, tr) if tr else np.zeros((n_t, 0))
+    components, component_meta = _acompcor_of(data, tissues["combined"], drift, n_non_steady)
+    for k in range(components.shape[1]):
+        columns[indexed_column(A_COMP_COR, k)] = components[:, k]
+    for k in range(drift.shape[1]):
+        columns[indexed_column(COSINE, k)] = drift[:, k]
+    metadata = confounds_metadata(columns)
+    metadata.update(_acompcor_metadata(component_meta, int(tissues["combined"].sum())))
+    steady = _SkipVolumes(series, n_non_steady) if n_non_steady else series
+    value = tsnr(steady, series_mask) if n_t - n_non_steady > 1 else float("nan")
+    return RunConfounds(columns, metadata, brain, tissues[CSF], tissues[WHITE_MATTER],
+                        n_non_steady, value)
+
+
+class _SkipVolumes:
+    """Slabs of a run without its first ``skip`` volumes (tSNR over the steady state)."""
+
+    ndim = 4
+
+    def __init__(self, data, skip: int):
+        self.data, self.skip = data, skip
+        self.shape = (*data.shape[:3], data.shape[3] - skip)
+
+    def __getitem__(self, index):
+        return self.data[index][..., self.skip:]
+
+
+def _acompcor_of(data, mask, drift, n_non_steady):
+    """aCompCor on the steady-state volumes; leading non-steady rows are 0 (as Nipype)."""
+    n_t = data.shape[-1]
+    series = np.empty((int(mask.sum()), n_t - n_non_steady), dtype=np.float32)
+    for t in range(n_non_steady, n_t):
+        series[:, t - n_non_steady] = data[..., t][mask]
+    if series.shape[1] < 3 or series.shape[0] < 2:
+        return np.zeros((n_t, 0)), []
+    components, meta = acompcor(series, drift[n_non_steady:])
+    return np.vstack([np.zeros((n_non_steady, components.shape[1])), components]), meta
+
+
+def _acompcor_metadata(component_meta: list[dict], n_voxels: int) -> dict:
+    """fMRIPrep's JSON entries: retained components as ``a_comp_cor_NN``, the others as
+    ``dropped_N`` (their columns are not in the TSV)."""
+    entries, dropped = {}, 0
+    for k, meta in enumerate(component_meta):
+        name = indexed_column(A_COMP_COR, k) if meta["Retained"] else f"dropped_{dropped}"
+        dropped += not meta["Retained"]
+        entries[name] = {"Method": "aCompCor", "Mask": "combined", **meta,
+                         "Description": f"Principal component {k} of the {n_voxels} WM + CSF "
+                                        "voxels' series (cosine high-pass 128 s, unit "
+                                        "variance); kept until 50 % of the variance."}
+    return entries

@@ -34,8 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from . import __version__
-from .confounds import (brain_mask, confounds_metadata, confounds_table, dvars, non_steady_state,
-                        tsnr, write_tsv)
+from .confounds import compute_confounds, write_tsv
 from .contract import (FRAMEWISE_DISPLACEMENT, MOTION_OUTLIER, PreprocResult, Run, Sidecar,
                        run_from_key)
 from .inputs import InputError, VoxelSlabs, check_input, repetition_time, unpack_run
@@ -166,8 +165,10 @@ def _process(store, info, run, out_dir, fwhm, reference, n_nonfinite, tr, timing
 
     # --- confounds: a second pass over the scratch file
     tic = time.perf_counter()
-    mask = brain_mask(boldref)
-    columns, mean_tsnr, n_non_steady = _series_confounds(store, mask, params)
+    found = compute_confounds(store, boldref, params, matrices, affine, tr=tr[0],
+                              slabs=VoxelSlabs(store))
+    mask, columns = found.brain_mask, found.columns
+    n_non_steady, mean_tsnr = found.n_non_steady, found.tsnr
     timings["confounds_s"] = time.perf_counter() - tic
 
     summary = _summary(columns, n_volumes, ref, mean_tsnr, n_non_steady, n_nonfinite, tr[0])
@@ -186,7 +187,7 @@ def _process(store, info, run, out_dir, fwhm, reference, n_nonfinite, tr, timing
         _write_nifti_gz(tmp["brain_mask"], _image(mask.shape, affine, mask_header,
                                                   "brain mask"), [mask.astype(np.uint8)])
         write_tsv(tmp["confounds"], columns)
-        _write_json(tmp["confounds_json"], confounds_metadata(columns))
+        _write_json(tmp["confounds_json"], found.metadata)
         timings["write_s"] = time.perf_counter() - tic
 
         # --- smoothing: volume by volume, on the way into its output stream
@@ -215,37 +216,6 @@ def _estimate_motion(store, info, ref: int) -> np.ndarray:
         raise InputError(f"{info.path.name}: motion correction failed ({exc}).",
                          cause="The run has too little image structure (not a brain EPI run?).",
                          action="Check the run in a viewer and upload the BOLD run.") from exc
-
-
-def _series_confounds(store, mask, params):
-    """Confound columns, tSNR and the non-steady-state count, in passes over ``store``.
-
-    The per-voxel time-series measures (DVARS, tSNR) read bounded slabs of voxels
-    (:class:`fmri_preproc.inputs.VoxelSlabs`); the global signal is read volume by volume.
-    """
-    n_volumes = store.shape[3]
-    global_signal = np.array([store[..., t][mask].mean() for t in range(n_volumes)])
-    n_non_steady = non_steady_state(global_signal)
-    slabs = VoxelSlabs(store)
-    dvars_values, std_dvars = dvars(slabs, slabs.mask(mask))
-    columns = confounds_table(params, dvars_values, std_dvars, n_non_steady=n_non_steady)
-    mean_tsnr = float("nan")
-    if n_volumes - n_non_steady > 1:  # tSNR over the steady-state volumes only
-        mean_tsnr = tsnr(_Steady(slabs, n_non_steady), slabs.mask(mask))
-    return columns, mean_tsnr, n_non_steady
-
-
-class _Steady:
-    """Slabs of a :class:`VoxelSlabs` without the first ``skip`` volumes."""
-
-    ndim = 4
-
-    def __init__(self, slabs, skip: int):
-        self.slabs, self.skip = slabs, skip
-        self.shape = (*slabs.shape[:3], slabs.shape[3] - skip)
-
-    def __getitem__(self, index):
-        return self.slabs[index][..., self.skip:]
 
 
 def _summary(columns, n_volumes, ref, mean_tsnr, n_non_steady, n_nonfinite, tr_s) -> dict:
