@@ -45,9 +45,12 @@ from __future__ import annotations
 import numpy as np
 
 from .smoothing import fwhm_to_sigma, smooth_volume
-from .transforms import _rotation, fov_centre
+from .transforms import fov_centre, rigid_matrix
 
-__all__ = ["estimate_motion", "reslice_volume", "reference_index", "head_mask"]
+__all__ = [
+    "estimate_motion", "reslice_volume", "reference_index", "head_mask", "trilinear",
+    "apply_affine",
+]
 
 
 def reference_index(reference, n_volumes: int) -> int:
@@ -64,7 +67,7 @@ def reference_index(reference, n_volumes: int) -> int:
     return index % n_volumes
 
 
-def _trilinear(flat: np.ndarray, shape, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def trilinear(flat: np.ndarray, shape, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sample a Fortran-ordered flat volume at voxel ``coords`` (3, N) by trilinear interpolation.
 
     Returns the values (float32) and a boolean mask of points inside the volume (within half
@@ -208,14 +211,14 @@ def reslice_volume(volume: np.ndarray, affine: np.ndarray, matrix: np.ndarray) -
     affine = np.asarray(affine, dtype=np.float64)
     # voxel (reference) -> world -> moving world -> voxel (moving)
     vox = np.linalg.inv(affine) @ np.asarray(matrix, dtype=np.float64) @ affine
-    coords = _apply(vox, _grid(volume.shape))
+    coords = apply_affine(vox, _grid(volume.shape))
     flat = np.asarray(volume, dtype=np.float32).ravel(order="F")
-    values, inside = _trilinear(flat, volume.shape, coords)
+    values, inside = trilinear(flat, volume.shape, coords)
     values[~inside] = 0
     return values.reshape(volume.shape, order="F")
 
 
-def _apply(matrix: np.ndarray, coords: np.ndarray) -> np.ndarray:
+def apply_affine(matrix: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Apply a 4x4 affine to (3, N) float32 coordinates."""
     mat = matrix[:3, :3].astype(np.float32)
     off = matrix[:3, 3:4].astype(np.float32)
@@ -309,12 +312,12 @@ class _Level:
         if self.cubic:
             return _Spline(volume)
         flat = volume.ravel(order="F")
-        return lambda coords: _trilinear(flat, self.shape, coords)
+        return lambda coords: trilinear(flat, self.shape, coords)
 
     def residual(self, sample, matrix: np.ndarray, gain: np.ndarray):
         """Residual I(W(x)) - T(x) (1 + gain model) at the level's points, and the inside mask."""
         vox = self.inv_affine @ matrix @ self.affine
-        values, inside = sample(_apply(vox, self.points))
+        values, inside = sample(apply_affine(vox, self.points))
         return values - self.target - self.gain @ gain.astype(np.float32), inside
 
 
@@ -378,15 +381,6 @@ def head_mask(volume: np.ndarray, *, fraction: float = 0.2, erode: int = 2) -> n
     return mask
 
 
-def _step_matrix(dp: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """World matrix of parameters ``dp`` about ``centre``: x -> R (x - c) + c + t."""
-    mat = np.eye(4)
-    rot = _rotation(*dp[3:])
-    mat[:3, :3] = rot
-    mat[:3, 3] = centre + dp[:3] - rot @ centre
-    return mat
-
-
 def _gauss_newton(level: _Level, sample, matrix, gain, centre, max_iter: int, tol: float):
     """Inverse-compositional Gauss-Newton iterations at one level, Levenberg-Marquardt damped.
 
@@ -433,7 +427,7 @@ def _gauss_newton(level: _Level, sample, matrix, gain, centre, max_iter: int, to
         dp = step[:6]
         gain = gain + step[6:]
         # inverse composition: W(x; p) <- W(x; p) o W(x; dp)^-1
-        matrix = matrix @ np.linalg.inv(_step_matrix(dp, centre))
+        matrix = matrix @ np.linalg.inv(rigid_matrix(dp, centre))
         # size of the update: translation (mm) + rotation (rad) x 50 mm, like FD
         last_size = np.abs(dp[:3]).sum() + 50.0 * np.abs(dp[3:]).sum()
         if last_size < tol:
