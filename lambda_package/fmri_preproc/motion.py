@@ -9,7 +9,8 @@ squares with an inverse-compositional Gauss-Newton optimiser [1]_, coarse to fin
    sub-voxel estimates by several hundredths of a mm; the spline stage removes that bias).
 
 Both images are smoothed (4 mm FWHM) before estimation. Each volume starts from its
-neighbour's estimate, walking outward from the reference. All geometry is done in world
+neighbour's estimate, walking outward from the reference; a volume whose fit fails the
+plausibility test restarts from the identity, and so does the volume after it. All geometry is done in world
 coordinates through the NIfTI affine, so oblique, LPS-stored and anisotropic images are
 handled; the parameters follow the convention of :mod:`fmri_preproc.transforms`.
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .plausibility import check_reference, is_plausible
 from .smoothing import fwhm_to_sigma, smooth_volume
 from .transforms import fov_centre, rigid_matrix
 
@@ -288,6 +290,7 @@ class _Level:
         grid = _grid(ref.shape)[:, select]
         self.points = grid  # (3, N) voxel coordinates of the level
         self.target = ref.ravel(order="F")[select].astype(np.float32)
+        self.variance = float(np.var(self.target))  # the cost of explaining nothing
         world = affine[:3, :3] @ grid + affine[:3, 3:4]
         d = world - centre[:, None]
         g = gworld[:, select]
@@ -384,7 +387,8 @@ def head_mask(volume: np.ndarray, *, fraction: float = 0.2, erode: int = 2) -> n
 def _gauss_newton(level: _Level, sample, matrix, gain, centre, max_iter: int, tol: float):
     """Inverse-compositional Gauss-Newton iterations at one level, Levenberg-Marquardt damped.
 
-    Returns the new world matrix and intensity-gain parameters. The 6 motion parameters
+    Returns the new world matrix, intensity-gain parameters and the mean squared residual
+    of the best point visited (not finite if no iteration ran). The 6 motion parameters
     compose (inverse-compositional), the gain parameters add. A step that raises the cost
     is undone and the damping ``lam`` (added to the Hessian's diagonal) raised tenfold.
     """
@@ -404,7 +408,7 @@ def _gauss_newton(level: _Level, sample, matrix, gain, centre, max_iter: int, to
             # the last step made things worse: back off and damp harder, or stop if that
             # step was already at the tolerance (we are at the minimum, up to noise)
             if last_size < 10 * tol:
-                return best[1], best[2]
+                return best[1], best[2], best[0]
             cost, matrix, gain, res, inside = best
             lam = max(10.0 * lam, 1e-3)
             if lam > 1e3:
@@ -432,7 +436,7 @@ def _gauss_newton(level: _Level, sample, matrix, gain, centre, max_iter: int, to
         last_size = np.abs(dp[:3]).sum() + 50.0 * np.abs(dp[3:]).sum()
         if last_size < tol:
             break
-    return matrix, gain
+    return matrix, gain, best[0] if best is not None else np.inf
 
 
 def estimate_motion(
@@ -484,7 +488,17 @@ def estimate_motion(
     full resolution with cubic B-spline interpolation [2]_ (trilinear interpolation biases
     sub-voxel estimates by several hundredths of a mm; the spline stage removes that bias).
     Volumes are processed outward from the reference, each initialised with its
-    neighbour's estimate.
+    neighbour's estimate (and scaled to the reference's mean intensity in the head). A
+    volume whose fit is implausible (:mod:`fmri_preproc.plausibility`; more than half the
+    reference's variance unexplained) is retried from the identity; if that fails too, or
+    the volume is constant, it is left unmoved (identity) and the next volume starts from
+    the identity, so one bad volume never corrupts its neighbours.
+
+    Raises
+    ------
+    ValueError
+        For a reference volume that is constant or holds only noise
+        (:func:`fmri_preproc.plausibility.check_reference`), or has too little structure.
 
     References
     ----------
@@ -507,6 +521,7 @@ def estimate_motion(
     sigma = fwhm_to_sigma(smooth_fwhm, affine)
 
     ref_raw = np.asarray(data[..., ref_index], dtype=np.float32)
+    check_reference(ref_raw)  # constant or noise-only: nothing to register to
     if mask is None:
         mask = head_mask(ref_raw)
     mask = np.asarray(mask, dtype=bool)
@@ -516,17 +531,56 @@ def estimate_motion(
     del ref_raw
     stages = _stages(ref_fine, affine, centre, sigma, n_points, mask)
 
+    ref_level = float(ref_fine[mask].mean())
     del ref_fine  # free memory ASAP
 
     matrices = np.tile(np.eye(4), (n_volumes, 1, 1))
-    # walk outward from the reference so each volume starts from its neighbour's estimate
+    no_gain = np.zeros(stages[0].gain.shape[1])
+    # walk outward from the reference so each volume starts from its neighbour's estimate;
+    # a volume that fails restarts from the reference (identity), and so does the next one
     for volumes in (range(ref_index + 1, n_volumes), range(ref_index - 1, -1, -1)):
-        matrix, gain = np.eye(4), np.zeros(stages[0].gain.shape[1])
+        start = (np.eye(4), no_gain)
         for t in volumes:
-            fine = smooth_volume(np.asarray(data[..., t], dtype=np.float32), sigma)
-            matrix, gain = _register(stages, fine, matrix, gain, centre, max_iter, tol)
-            matrices[t] = matrix
+            volume = np.asarray(data[..., t], dtype=np.float32)  # one volume at a time
+            fit = _register_volume(stages, volume, start, ref_level, mask, sigma, centre,
+                                   max_iter, tol)
+            matrices[t] = fit[0] if fit else np.eye(4)
+            start = fit if fit else (np.eye(4), no_gain)
     return matrices
+
+
+def _register_volume(stages, volume, start, ref_level, mask, sigma, centre, max_iter, tol):
+    """Register one raw volume from ``start``, retrying from the identity if that fails.
+
+    The volume is scaled to the reference's mean in the head first (a gain jump is then
+    no harder than drift). Returns ``(matrix, gain)``, or None when neither attempt gives
+    a plausible fit (a constant volume, or a diverged estimate): see :func:`_acceptable`.
+    """
+    if not np.ptp(volume) > 0:
+        return None  # a dropped, constant volume holds no position
+    level = float(volume[mask].mean())
+    if level > 0:
+        volume = volume * np.float32(ref_level / level)
+    fine = smooth_volume(volume, sigma)
+    attempts = [start] if np.array_equal(start[0], np.eye(4)) else [start, (np.eye(4),
+                                                                             start[1] * 0)]
+    for matrix, gain in attempts:
+        matrix, gain, cost = _register(stages, fine, matrix, gain, centre, max_iter, tol)
+        if _acceptable(stages[-1], matrix, cost, centre):
+            return matrix, gain
+    return None
+
+
+#: A fit that leaves more than this fraction of the reference's variance (at the sample
+#: points) unexplained has not registered the volume: a good fit leaves about the noise
+#: (a few percent), a diverged or structure-free one about all of it.
+MAX_UNEXPLAINED = 0.5
+
+
+def _acceptable(level: _Level, matrix, cost: float, centre) -> bool:
+    """Whether a fit is a plausible head position that explains the reference."""
+    return (np.isfinite(cost) and cost <= MAX_UNEXPLAINED * level.variance
+            and is_plausible(matrix, centre))
 
 
 def _stages(ref_fine, affine, centre, sigma, n_points, mask) -> list[_Level]:
@@ -555,7 +609,7 @@ def _register(stages, fine, matrix, gain, centre, max_iter, tol):
     images = (_downsample(fine), fine, fine)
     tols = (max(tol, 0.05), max(tol, 0.01), tol)
     for stage, image, stage_tol in zip(stages, images, tols):
-        matrix, gain = _gauss_newton(stage, stage.sampler(image), matrix, gain, centre,
-                                     max_iter, stage_tol)
-    return matrix, gain
+        matrix, gain, cost = _gauss_newton(stage, stage.sampler(image), matrix, gain, centre,
+                                           max_iter, stage_tol)
+    return matrix, gain, cost
 
