@@ -131,6 +131,11 @@ def preprocess(
         raise InputError(f"{Path(in_file).name}: motion correction failed ({exc}).",
                          cause="The run has too little image structure (not a brain EPI run?).",
                          action="Check the run in a viewer and upload the BOLD run.") from exc
+    # --- motion plausibility (block owned by the motion work; keep it whole at merge) ---
+    from .plausibility import check_motion  # raises InputError for diverged estimates
+    motion_warnings = check_motion(data, affine, matrices, ref, name=Path(in_file).name)
+    # integrator: put motion_warnings into summary["warnings"] (-> _done.json, sidecar)
+    # --- end motion plausibility ---
     params = np.array([affine_to_params(m, affine, shape) for m in matrices])
     timings["estimate_motion_s"] = time.perf_counter() - tic
 
@@ -161,6 +166,7 @@ def preprocess(
         "n_motion_outliers": sum(c.startswith(MOTION_OUTLIER) for c in columns),
         "n_non_steady_state": n_non_steady,
         "n_nonfinite": n_nonfinite,
+        "warnings": motion_warnings,
     }
 
     out_dir.mkdir(parents=True, exist_ok=True)
