@@ -8,6 +8,7 @@ from fmri_preproc import (
     affine_to_params,
     estimate_motion,
     fov_centre,
+    framewise_displacement,
     params_to_affine,
     rms_deviation,
 )
@@ -40,8 +41,7 @@ def blob_run(shape=SHAPE, motion=None, noise=1.0, seed=0):
 
 def fd_of(matrices, affine, shape):
     params = np.array([affine_to_params(m, affine, shape) for m in matrices])
-    diff = np.abs(np.diff(params, axis=0))
-    return diff[:, :3].sum(axis=1) + 50 * diff[:, 3:].sum(axis=1)
+    return framewise_displacement(params)[1:]
 
 
 def test_constant_volume_does_not_move_its_unmoved_neighbours():

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .confounds import framewise_displacement
 from .inputs import InputError
 from .transforms import affine_to_params, fov_centre
 
@@ -60,7 +61,6 @@ MAX_FD_MM = 30.0
 WARN_FD_MM = 5.0
 GAIN_RATIO = 2.0
 MIN_AUTOCORRELATION = 0.5
-_FD_RADIUS_MM = 50.0  # Power et al. 2012: rotations as arc length on a 50 mm sphere
 
 
 def is_plausible(matrix: np.ndarray, centre: np.ndarray) -> bool:
@@ -116,13 +116,6 @@ def check_reference(volume: np.ndarray) -> None:
                          f"voxels correlate {rho:.2f}, an image of a head > 0.8)")
 
 
-def _fd(params: np.ndarray) -> np.ndarray:
-    """Framewise displacement (mm) between consecutive volumes, first value 0 here."""
-    diff = np.abs(np.diff(params, axis=0))
-    fd = diff[:, :3].sum(axis=1) + _FD_RADIUS_MM * diff[:, 3:].sum(axis=1)
-    return np.concatenate([[0.0], fd])
-
-
 def check_motion(data, affine, matrices, reference: int, *, name: str = "run") -> list[str]:
     """Judge a run's motion estimates: raise for nonsense, return warnings for oddities.
 
@@ -164,7 +157,7 @@ def check_motion(data, affine, matrices, reference: int, *, name: str = "run") -
                   "noise, or not a BOLD run).",
             action="Check the run in a viewer; upload the original BOLD run.")
     params = np.array([affine_to_params(m, affine, shape) for m in matrices])
-    fd = _fd(params)
+    fd = np.nan_to_num(framewise_displacement(params))  # the engine's one FD; first NaN -> 0
     if fd.max() > MAX_FD_MM:
         raise InputError(
             f"{name}: framewise displacement reaches {fd.max():.1f} mm at volume "
