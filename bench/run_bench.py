@@ -2,13 +2,18 @@
 
 Run from the project root:  .venv/bin/python bench/run_bench.py [--runs 3] [--ants-runs 1]
 
-For each simulated default-size run (64 x 64 x 32 x 150, 3.5 x 3.5 x 4 mm, true motion up
-to 2 mm / 2 degrees, from ``helpers.analysis.simulate.simulate_run``) this
+For each simulated default-size run (64 x 64 x 32 x 150, 3.5 x 3.5 x 4 mm, the realistic
+simulator ``helpers.analysis.simulate.simulate_run``: slice-by-slice motion with breathing's
+apparent motion, physiological noise, simulated on a 2x finer grid) this
   1. runs ``python -m fmri_preproc`` in a child process on one core (OMP / OPENBLAS /
      MKL threads = 1) and measures its wall time (best of ``--repeats``) and peak RSS
      (``getrusage(RUSAGE_CHILDREN)`` in a tiny launcher process);
   2. scores the motion estimates by the RMS deviation over an 80 mm sphere at the field-of-
-     view centre (Jenkinson 2002) against the truth, both relative to the reference volume;
+     view centre (Jenkinson 2002) against the truth, both relative to the reference volume.
+     The truth per volume is the slice average of the head's position; the reference
+     volume's own intra-volume motion puts the engine's (and any tool's) estimates a
+     constant offset away from it, so the error is also given with the median offset
+     between estimates and truth removed ("offset removed");
   3. runs antspyx ``motion_correction`` (Rigid, one ITK thread, same reference volume) the
      same way (optional: skipped if antspyx cannot be imported or installed);
   4. runs ``nilearn.image.smooth_img(img, 6)`` + save in a child (time and RSS).
@@ -37,7 +42,8 @@ ONE_CORE = {
     "MKL_NUM_THREADS": "1",
     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
 }
-TARGETS = {"mean_err": 0.02, "max_err": 0.05, "wall": 10.0, "rss": 256.0}
+TARGETS = {"mean_err": 0.02, "max_err": 0.05, "wall": 10.0, "rss": 256.0, "speedup": 30.0}
+VOXEL_VOLUMES_M = 64 * 64 * 32 * 150 / 1e6  # million voxel-volumes per run
 sys.path.insert(0, str(ROOT))
 
 import fmri_preproc as fp  # noqa: E402
@@ -70,8 +76,7 @@ def simulate(seed: int):
     from helpers.analysis.simulate import simulate_run
 
     source = "helpers.analysis.simulate"
-    run = simulate_run(shape=(64, 64, 32), n_volumes=150, tr=2.0, max_translation_mm=2.0,
-                       max_rotation_deg=2.0, seed=seed)
+    run = simulate_run(shape=(64, 64, 32), n_volumes=150, tr=2.0, seed=seed)
     return run.img, np.asarray(run.motion), source
 
 
@@ -85,11 +90,26 @@ def motion_errors(matrices, truth, affine, shape, ref) -> np.ndarray:
     ])
 
 
+def offset_removed(matrices, truth, affine, shape, ref) -> np.ndarray:
+    """:func:`motion_errors` after removing the median parameter offset from the truth."""
+    params = np.array([fp.affine_to_params(m, affine, shape) for m in matrices])
+    offset = np.median(params - np.asarray(truth), axis=0)
+    shifted = [fp.params_to_affine(p, affine, shape) for p in params - offset]
+    return motion_errors(shifted, truth, affine, shape, ref)
+
+
 def read_confounds(path) -> np.ndarray:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     names = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
     return np.array([[float(r[n]) for n in names] for r in rows])
+
+
+def _row(label: str, r: dict) -> str:
+    """One table row: errors (as measured, offset removed), wall, s per M voxel-volumes, RSS."""
+    return (f"| {label} | {r['mean_err']:.4f} | {r['max_err']:.4f} | {r['mean_err0']:.4f} / "
+            f"{r['max_err0']:.4f} | {r['wall']:.2f} | {r['wall'] / VOXEL_VOLUMES_M:.3f} "
+            f"| {r['rss']:.0f} |")
 
 
 def ensure_ants() -> bool:
@@ -165,10 +185,13 @@ def main(argv=None) -> int:
         params = read_confounds(out_dir / f"{name}_desc-confounds_timeseries.tsv")
         matrices = [fp.params_to_affine(p, affine, shape) for p in params]
         err = motion_errors(matrices, truth, affine, shape, summary["reference_volume"])
+        err0 = offset_removed(matrices, truth, affine, shape, summary["reference_volume"])
         rows.append({"seed": seed, "mean_err": err.mean(), "max_err": err.max(),
+                     "mean_err0": err0.mean(), "max_err0": err0.max(),
                      "wall": m["wall"], "rss": m["rss"],
                      "true_max_fd": float(np.nanmax(fp.framewise_displacement(truth)))})
-        print(f"fmri_preproc seed {seed}: mean {err.mean():.4f} mm, max {err.max():.4f} mm, "
+        print(f"fmri_preproc seed {seed}: mean {err.mean():.4f} mm, max {err.max():.4f} mm "
+              f"(offset removed {err0.mean():.4f} / {err0.max():.4f}), "
               f"{m['wall']:.2f} s, {m['rss']:.0f} MB", flush=True)
 
         if have_ants and seed < args.ants_runs:
@@ -177,7 +200,9 @@ def main(argv=None) -> int:
                          str(ref), str(out_npy), args.ants_transform])
             if a["code"] == 0:
                 aerr = motion_errors(np.load(out_npy), truth, affine, shape, ref)
+                aerr0 = offset_removed(np.load(out_npy), truth, affine, shape, ref)
                 ants_rows.append({"seed": seed, "mean_err": aerr.mean(), "max_err": aerr.max(),
+                                  "mean_err0": aerr0.mean(), "max_err0": aerr0.max(),
                                   "wall": a["wall"], "rss": a["rss"]})
                 print(f"antspyx seed {seed}: mean {aerr.mean():.4f} mm, max {aerr.max():.4f} mm, "
                       f"{a['wall']:.1f} s, {a['rss']:.0f} MB", flush=True)
@@ -199,35 +224,41 @@ def main(argv=None) -> int:
     def mean(key, rs):
         return float(np.mean([r[key] for r in rs]))
 
-    ours = {k: mean(k, rows) for k in ("mean_err", "wall", "rss")}
+    ours = {k: mean(k, rows) for k in ("mean_err", "mean_err0", "wall", "rss")}
     ours["max_err"] = max(r["max_err"] for r in rows)
+    ours["max_err0"] = max(r["max_err0"] for r in rows)
     lines = [
         f"Machine: {machine()}",
-        f"Data: {args.runs} simulated run(s) from {source}, 64x64x32x150, 3.5x3.5x4 mm, "
-        f"true motion up to 2 mm / 2 deg; error = Jenkinson RMS deviation (80 mm sphere).",
+        f"Data: {args.runs} run(s) of the realistic simulator ({source}), 64x64x32x150, "
+        "3.5x3.5x4 mm; error = Jenkinson RMS deviation (80 mm sphere) against the slice-"
+        "averaged truth, as measured and with the median constant offset removed (the "
+        "reference volume's own intra-volume motion). Reslicing: cubic B-spline.",
         "",
-        "| tool | mean RMS err (mm) | max RMS err (mm) | wall (s) | peak RSS (MB) |",
-        "|---|---|---|---|---|",
-        f"| fmri_preproc (whole command: read, motion, reslice, smooth 6 mm, confounds, write) "
-        f"| {ours['mean_err']:.4f} | {ours['max_err']:.4f} | {ours['wall']:.2f} | {ours['rss']:.0f} |",
+        "| tool | mean err (mm) | max err (mm) | mean / max, offset removed | wall (s) "
+        "| s per M voxel-volumes | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
+        _row("fmri_preproc (whole command: read, motion, cubic reslice, smooth 6 mm, "
+             "confounds, write)", ours),
     ]
     for r in rows:
-        lines.append(f"| &nbsp; run seed {r['seed']} (true max FD {r['true_max_fd']:.2f} mm) "
-                     f"| {r['mean_err']:.4f} | {r['max_err']:.4f} | {r['wall']:.2f} | {r['rss']:.0f} |")
+        lines.append(_row(f"&nbsp; run seed {r['seed']} (true max FD {r['true_max_fd']:.2f} mm)",
+                          r))
     if ants_rows:
-        an = {k: mean(k, ants_rows) for k in ("mean_err", "wall", "rss")}
+        an = {k: mean(k, ants_rows) for k in ("mean_err", "mean_err0", "wall", "rss")}
         an["max_err"] = max(r["max_err"] for r in ants_rows)
-        lines.append(f"| antspyx motion_correction {args.ants_transform} (estimation + resample, "
-                     f"1 thread; seeds < {args.ants_runs}) | {an['mean_err']:.4f} | "
-                     f"{an['max_err']:.4f} | {an['wall']:.1f} | {an['rss']:.0f} |")
-    lines.append(f"| nilearn smooth_img 6 mm + save | - | - | {nl['wall']:.2f} | {nl['rss']:.0f} |")
-    lines.append(f"| fmri_preproc, twice-as-large run (64x64x32x300) | - | - | {mb['wall']:.2f} "
-                 f"| {mb['rss']:.0f} |")
+        an["max_err0"] = max(r["max_err0"] for r in ants_rows)
+        lines.append(_row(f"antspyx motion_correction {args.ants_transform} (estimation + "
+                          f"resample, 1 thread; seeds < {args.ants_runs})", an))
+    lines.append(f"| nilearn smooth_img 6 mm + save | - | - | - | {nl['wall']:.2f} | - "
+                 f"| {nl['rss']:.0f} |")
+    lines.append(f"| fmri_preproc, twice-as-large run (64x64x32x300) | - | - | - | "
+                 f"{mb['wall']:.2f} | {mb['wall'] / (2 * VOXEL_VOLUMES_M):.3f} | {mb['rss']:.0f} |")
     lines.append("")
     if ants_rows:
         lines.append(f"Ratios to antspyx: error {an['mean_err'] / ours['mean_err']:.1f}x smaller "
                      f"(mean), {an['max_err'] / ours['max_err']:.1f}x (max); "
-                     f"{an['wall'] / ours['wall']:.1f}x faster; {an['rss'] / ours['rss']:.1f}x less memory.")
+                     f"{an['wall'] / ours['wall']:.1f}x faster (target >= "
+                     f"{TARGETS['speedup']:g}x); {an['rss'] / ours['rss']:.1f}x less memory.")
     else:
         lines.append("antspyx unavailable: anchor not run.")
     lines.append(f"Ratio to nilearn smoothing alone: {nl['rss'] / ours['rss']:.1f}x less memory "
@@ -238,7 +269,10 @@ def main(argv=None) -> int:
         "wall": ours["wall"] <= TARGETS["wall"],
         "rss": ours["rss"] <= TARGETS["rss"],
     }
-    lines.append("Targets (issue 3): mean <= 0.02 mm, max <= 0.05 mm, <= 10 s, <= 256 MB: "
+    if ants_rows:
+        met["speedup"] = an["wall"] / ours["wall"] >= TARGETS["speedup"]
+    lines.append("Targets (issues 3, 12, 16): mean <= 0.02 mm, max <= 0.05 mm (as measured), "
+                 "<= 10 s, <= 256 MB, >= 30x antspyx: "
                  + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()))
     table = "\n".join(lines)
     print("\n" + table)

@@ -9,7 +9,8 @@ squares with an inverse-compositional Gauss-Newton optimiser [1]_, coarse to fin
    sub-voxel estimates by several hundredths of a mm; the spline stage removes that bias).
 
 Both images are smoothed (4 mm FWHM) before estimation. Each volume starts from its
-neighbour's estimate, walking outward from the reference. All geometry is done in world
+neighbour's estimate, walking outward from the reference; a volume whose fit fails the
+plausibility test restarts from the identity, and so does the volume after it. All geometry is done in world
 coordinates through the NIfTI affine, so oblique, LPS-stored and anisotropic images are
 handled; the parameters follow the convention of :mod:`fmri_preproc.transforms`.
 
@@ -44,10 +45,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .plausibility import check_reference, is_plausible
 from .smoothing import fwhm_to_sigma, smooth_volume
-from .transforms import _rotation, fov_centre
+from .transforms import fov_centre, rigid_matrix
 
-__all__ = ["estimate_motion", "reslice_volume", "reference_index", "head_mask"]
+__all__ = [
+    "estimate_motion", "reslice_volume", "reference_index", "head_mask", "trilinear",
+    "apply_affine",
+]
 
 
 def reference_index(reference, n_volumes: int) -> int:
@@ -64,7 +69,7 @@ def reference_index(reference, n_volumes: int) -> int:
     return index % n_volumes
 
 
-def _trilinear(flat: np.ndarray, shape, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def trilinear(flat: np.ndarray, shape, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sample a Fortran-ordered flat volume at voxel ``coords`` (3, N) by trilinear interpolation.
 
     Returns the values (float32) and a boolean mask of points inside the volume (within half
@@ -191,7 +196,7 @@ def reslice_volume(volume: np.ndarray, affine: np.ndarray, matrix: np.ndarray) -
     Parameters
     ----------
     volume : (X, Y, Z) array
-        The moving volume (each axis at least 2 voxels).
+        The moving volume (each axis at least 4 voxels).
     affine : (4, 4) array
         The run's voxel-to-world affine (mm).
     matrix : (4, 4) array
@@ -200,22 +205,78 @@ def reslice_volume(volume: np.ndarray, affine: np.ndarray, matrix: np.ndarray) -
     Returns
     -------
     resliced : (X, Y, Z) ndarray of float32
-        Trilinear interpolation; points that fall outside the moving volume are 0.
+        Cubic B-spline interpolation [2]_ (trilinear interpolation modulates the variance
+        with the sub-voxel shift); points that fall outside the moving volume are 0.
+
+    Notes
+    -----
+    The voxel map ``B`` (4x4) is factored into three passes that each change one voxel
+    coordinate, ``B = E0 @ E1 @ E2`` (``Ek`` = the identity with row ``k`` replaced), so
+    the volume is resampled by three 1D cubic B-splines, 4 samples per voxel per pass,
+    instead of one 3D spline of 64 samples per voxel: the multi-pass scheme of [4]_.
+
+    References
+    ----------
+    .. [4] Unser M, Thevenaz P, Yaroslavsky L (1995). Convolution-based interpolation for
+       fast, high-quality rotation of images. IEEE Trans Image Process 4:1371-1381.
+       :doi:`10.1109/83.465102`
     """
     volume = np.asarray(volume)
-    if volume.ndim != 3 or min(volume.shape) < 2:
-        raise ValueError("volume must be 3D with at least 2 voxels per axis")
+    if volume.ndim != 3 or min(volume.shape) < 4:
+        raise ValueError("volume must be 3D with at least 4 voxels per axis")
     affine = np.asarray(affine, dtype=np.float64)
     # voxel (reference) -> world -> moving world -> voxel (moving)
     vox = np.linalg.inv(affine) @ np.asarray(matrix, dtype=np.float64) @ affine
-    coords = _apply(vox, _grid(volume.shape))
-    flat = np.asarray(volume, dtype=np.float32).ravel(order="F")
-    values, inside = _trilinear(flat, volume.shape, coords)
-    values[~inside] = 0
-    return values.reshape(volume.shape, order="F")
+    grid = _grid(volume.shape)
+    out = np.asarray(volume, dtype=np.float32)
+    for axis, row in enumerate(_row_passes(vox)):
+        coord = (row[:3].astype(np.float32) @ grid + np.float32(row[3]))
+        out = _resample_axis(out, axis, coord.reshape(volume.shape, order="F"))
+    inside = np.ones(grid.shape[1], dtype=bool)
+    for axis, x in enumerate(apply_affine(vox, grid)):
+        inside &= (x > -0.5) & (x < volume.shape[axis] - 0.5)
+    out[~inside.reshape(volume.shape, order="F")] = 0
+    return out
 
 
-def _apply(matrix: np.ndarray, coords: np.ndarray) -> np.ndarray:
+def _row_passes(vox: np.ndarray) -> list[np.ndarray]:
+    """Rows ``r0, r1, r2`` (4 entries each) with ``vox = E0 @ E1 @ E2``.
+
+    ``Ek`` is the 4x4 identity with row ``k`` replaced by ``rk``; the first pass applied to
+    the volume is ``E0`` (it samples along axis 0), then ``E1``, then ``E2``. From
+    ``vox[2] = r2``, ``vox[1] = r1 @ E2`` and ``vox[0] = r0 @ E1 @ E2``.
+    """
+    e2 = np.eye(4)
+    e2[2] = vox[2]
+    r1 = vox[1] @ np.linalg.inv(e2)
+    e1 = np.eye(4)
+    e1[1] = r1
+    r0 = vox[0] @ np.linalg.inv(e1 @ e2)
+    return [r0, r1, vox[2]]
+
+
+def _resample_axis(volume: np.ndarray, axis: int, coord: np.ndarray) -> np.ndarray:
+    """Sample ``volume`` along ``axis`` at voxel coordinate ``coord`` (same shape), cubic."""
+    c = np.moveaxis(np.array(volume, dtype=np.float64), axis, 0)
+    _prefilter_axis0(c)
+    c = np.pad(c.astype(np.float32), [(2, 2)] + [(0, 0)] * 2, mode="reflect")
+    n = volume.shape[axis]
+    x = np.clip(np.moveaxis(coord, axis, 0), -0.5, n - 0.5)
+    fl = np.floor(x)
+    t = x - fl
+    t3 = t * t * t
+    w0 = (1.0 - t) ** 3 / 6.0  # the cubic B-spline weights (see _bspline_weights)
+    w3 = t3 / 6.0
+    w1 = 0.5 * t3 - t * t + np.float32(2.0 / 3.0)
+    index = fl.astype(np.intp) + 1  # first of the 4 neighbours, +2 for the padding
+    out = w0 * np.take_along_axis(c, index, axis=0)
+    out += w1 * np.take_along_axis(c, index + 1, axis=0)
+    out += (1.0 - w0 - w1 - w3) * np.take_along_axis(c, index + 2, axis=0)
+    out += w3 * np.take_along_axis(c, index + 3, axis=0)
+    return np.moveaxis(out, 0, axis)
+
+
+def apply_affine(matrix: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Apply a 4x4 affine to (3, N) float32 coordinates."""
     mat = matrix[:3, :3].astype(np.float32)
     off = matrix[:3, 3:4].astype(np.float32)
@@ -285,6 +346,7 @@ class _Level:
         grid = _grid(ref.shape)[:, select]
         self.points = grid  # (3, N) voxel coordinates of the level
         self.target = ref.ravel(order="F")[select].astype(np.float32)
+        self.variance = float(np.var(self.target))  # the cost of explaining nothing
         world = affine[:3, :3] @ grid + affine[:3, 3:4]
         d = world - centre[:, None]
         g = gworld[:, select]
@@ -309,12 +371,12 @@ class _Level:
         if self.cubic:
             return _Spline(volume)
         flat = volume.ravel(order="F")
-        return lambda coords: _trilinear(flat, self.shape, coords)
+        return lambda coords: trilinear(flat, self.shape, coords)
 
     def residual(self, sample, matrix: np.ndarray, gain: np.ndarray):
         """Residual I(W(x)) - T(x) (1 + gain model) at the level's points, and the inside mask."""
         vox = self.inv_affine @ matrix @ self.affine
-        values, inside = sample(_apply(vox, self.points))
+        values, inside = sample(apply_affine(vox, self.points))
         return values - self.target - self.gain @ gain.astype(np.float32), inside
 
 
@@ -378,19 +440,11 @@ def head_mask(volume: np.ndarray, *, fraction: float = 0.2, erode: int = 2) -> n
     return mask
 
 
-def _step_matrix(dp: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """World matrix of parameters ``dp`` about ``centre``: x -> R (x - c) + c + t."""
-    mat = np.eye(4)
-    rot = _rotation(*dp[3:])
-    mat[:3, :3] = rot
-    mat[:3, 3] = centre + dp[:3] - rot @ centre
-    return mat
-
-
 def _gauss_newton(level: _Level, sample, matrix, gain, centre, max_iter: int, tol: float):
     """Inverse-compositional Gauss-Newton iterations at one level, Levenberg-Marquardt damped.
 
-    Returns the new world matrix and intensity-gain parameters. The 6 motion parameters
+    Returns the new world matrix, intensity-gain parameters and the mean squared residual
+    of the best point visited (not finite if no iteration ran). The 6 motion parameters
     compose (inverse-compositional), the gain parameters add. A step that raises the cost
     is undone and the damping ``lam`` (added to the Hessian's diagonal) raised tenfold.
     """
@@ -410,7 +464,7 @@ def _gauss_newton(level: _Level, sample, matrix, gain, centre, max_iter: int, to
             # the last step made things worse: back off and damp harder, or stop if that
             # step was already at the tolerance (we are at the minimum, up to noise)
             if last_size < 10 * tol:
-                return best[1], best[2]
+                return best[1], best[2], best[0]
             cost, matrix, gain, res, inside = best
             lam = max(10.0 * lam, 1e-3)
             if lam > 1e3:
@@ -433,12 +487,12 @@ def _gauss_newton(level: _Level, sample, matrix, gain, centre, max_iter: int, to
         dp = step[:6]
         gain = gain + step[6:]
         # inverse composition: W(x; p) <- W(x; p) o W(x; dp)^-1
-        matrix = matrix @ np.linalg.inv(_step_matrix(dp, centre))
+        matrix = matrix @ np.linalg.inv(rigid_matrix(dp, centre))
         # size of the update: translation (mm) + rotation (rad) x 50 mm, like FD
         last_size = np.abs(dp[:3]).sum() + 50.0 * np.abs(dp[3:]).sum()
         if last_size < tol:
             break
-    return matrix, gain
+    return matrix, gain, best[0] if best is not None else np.inf
 
 
 def estimate_motion(
@@ -490,7 +544,17 @@ def estimate_motion(
     full resolution with cubic B-spline interpolation [2]_ (trilinear interpolation biases
     sub-voxel estimates by several hundredths of a mm; the spline stage removes that bias).
     Volumes are processed outward from the reference, each initialised with its
-    neighbour's estimate.
+    neighbour's estimate (and scaled to the reference's mean intensity in the head). A
+    volume whose fit is implausible (:mod:`fmri_preproc.plausibility`; more than half the
+    reference's variance unexplained) is retried from the identity; if that fails too, or
+    the volume is constant, it is left unmoved (identity) and the next volume starts from
+    the identity, so one bad volume never corrupts its neighbours.
+
+    Raises
+    ------
+    ValueError
+        For a reference volume that is constant or holds only noise
+        (:func:`fmri_preproc.plausibility.check_reference`), or has too little structure.
 
     References
     ----------
@@ -513,6 +577,7 @@ def estimate_motion(
     sigma = fwhm_to_sigma(smooth_fwhm, affine)
 
     ref_raw = np.asarray(data[..., ref_index], dtype=np.float32)
+    check_reference(ref_raw)  # constant or noise-only: nothing to register to
     if mask is None:
         mask = head_mask(ref_raw)
     mask = np.asarray(mask, dtype=bool)
@@ -522,17 +587,56 @@ def estimate_motion(
     del ref_raw
     stages = _stages(ref_fine, affine, centre, sigma, n_points, mask)
 
+    ref_level = float(ref_fine[mask].mean())
     del ref_fine  # free memory ASAP
 
     matrices = np.tile(np.eye(4), (n_volumes, 1, 1))
-    # walk outward from the reference so each volume starts from its neighbour's estimate
+    no_gain = np.zeros(stages[0].gain.shape[1])
+    # walk outward from the reference so each volume starts from its neighbour's estimate;
+    # a volume that fails restarts from the reference (identity), and so does the next one
     for volumes in (range(ref_index + 1, n_volumes), range(ref_index - 1, -1, -1)):
-        matrix, gain = np.eye(4), np.zeros(stages[0].gain.shape[1])
+        start = (np.eye(4), no_gain)
         for t in volumes:
-            fine = smooth_volume(np.asarray(data[..., t], dtype=np.float32), sigma)
-            matrix, gain = _register(stages, fine, matrix, gain, centre, max_iter, tol)
-            matrices[t] = matrix
+            volume = np.asarray(data[..., t], dtype=np.float32)  # one volume at a time
+            fit = _register_volume(stages, volume, start, ref_level, mask, sigma, centre,
+                                   max_iter, tol)
+            matrices[t] = fit[0] if fit else np.eye(4)
+            start = fit if fit else (np.eye(4), no_gain)
     return matrices
+
+
+def _register_volume(stages, volume, start, ref_level, mask, sigma, centre, max_iter, tol):
+    """Register one raw volume from ``start``, retrying from the identity if that fails.
+
+    The volume is scaled to the reference's mean in the head first (a gain jump is then
+    no harder than drift). Returns ``(matrix, gain)``, or None when neither attempt gives
+    a plausible fit (a constant volume, or a diverged estimate): see :func:`_acceptable`.
+    """
+    if not np.ptp(volume) > 0:
+        return None  # a dropped, constant volume holds no position
+    level = float(volume[mask].mean())
+    if level > 0:
+        volume = volume * np.float32(ref_level / level)
+    fine = smooth_volume(volume, sigma)
+    attempts = [start] if np.array_equal(start[0], np.eye(4)) else [start, (np.eye(4),
+                                                                             start[1] * 0)]
+    for matrix, gain in attempts:
+        matrix, gain, cost = _register(stages, fine, matrix, gain, centre, max_iter, tol)
+        if _acceptable(stages[-1], matrix, cost, centre):
+            return matrix, gain
+    return None
+
+
+#: A fit that leaves more than this fraction of the reference's variance (at the sample
+#: points) unexplained has not registered the volume: a good fit leaves about the noise
+#: (a few percent), a diverged or structure-free one about all of it.
+MAX_UNEXPLAINED = 0.5
+
+
+def _acceptable(level: _Level, matrix, cost: float, centre) -> bool:
+    """Whether a fit is a plausible head position that explains the reference."""
+    return (np.isfinite(cost) and cost <= MAX_UNEXPLAINED * level.variance
+            and is_plausible(matrix, centre))
 
 
 def _stages(ref_fine, affine, centre, sigma, n_points, mask) -> list[_Level]:
@@ -561,7 +665,7 @@ def _register(stages, fine, matrix, gain, centre, max_iter, tol):
     images = (_downsample(fine), fine, fine)
     tols = (max(tol, 0.05), max(tol, 0.01), tol)
     for stage, image, stage_tol in zip(stages, images, tols):
-        matrix, gain = _gauss_newton(stage, stage.sampler(image), matrix, gain, centre,
-                                     max_iter, stage_tol)
-    return matrix, gain
+        matrix, gain, cost = _gauss_newton(stage, stage.sampler(image), matrix, gain, centre,
+                                           max_iter, stage_tol)
+    return matrix, gain, cost
 

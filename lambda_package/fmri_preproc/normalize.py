@@ -117,9 +117,9 @@ import numpy as np
 
 from .contract import TEMPLATE
 from .inputs import InputError
-from .motion import _apply, _trilinear
+from .motion import apply_affine as _apply, trilinear as _trilinear
 from .smoothing import fwhm_to_sigma, smooth_volume
-from .transforms import _rotation
+from .transforms import rotation_matrix as _rotation
 
 __all__ = [
     "Template",

@@ -39,6 +39,7 @@ from .contract import (FRAMEWISE_DISPLACEMENT, MOTION_OUTLIER, PreprocResult, Ru
                        run_from_key)
 from .inputs import InputError, VoxelSlabs, check_input, repetition_time, unpack_run
 from .motion import estimate_motion, reference_index, reslice_volume
+from .plausibility import check_motion
 from .smoothing import smoothed_volumes
 from .transforms import affine_to_params
 
@@ -153,6 +154,8 @@ def _process(store, info, run, out_dir, fwhm, reference, n_nonfinite, tr, timing
     # --- motion: estimated volume by volume from the scratch file
     tic = time.perf_counter()
     matrices = _estimate_motion(store, info, ref)
+    # raises InputError for diverged estimates; warns of constant volumes and gain jumps
+    motion_warnings = check_motion(store, affine, matrices, ref, name=info.path.name)
     params = np.array([affine_to_params(m, affine, info.shape[:3]) for m in matrices])
     timings["estimate_motion_s"] = time.perf_counter() - tic
 
@@ -172,6 +175,7 @@ def _process(store, info, run, out_dir, fwhm, reference, n_nonfinite, tr, timing
     timings["confounds_s"] = time.perf_counter() - tic
 
     summary = _summary(columns, n_volumes, ref, mean_tsnr, n_non_steady, n_nonfinite, tr[0])
+    summary["warnings"] += motion_warnings
     outputs = {kind: out_dir / run.filename(kind) for kind in _kinds(fwhm)}
     with _visible_when_complete(outputs) as tmp:
         # --- outputs: streamed, one volume at a time
@@ -230,6 +234,7 @@ def _summary(columns, n_volumes, ref, mean_tsnr, n_non_steady, n_nonfinite, tr_s
         "n_non_steady_state": n_non_steady,
         "n_nonfinite": n_nonfinite,
         "repetition_time_s": tr_s,
+        "warnings": [],  # strings: processed, but a person should look (-> _done.json)
     }
 
 

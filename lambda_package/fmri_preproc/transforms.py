@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["params_to_affine", "affine_to_params", "fov_centre", "rms_deviation"]
+__all__ = [
+    "params_to_affine", "affine_to_params", "fov_centre", "rms_deviation", "rigid_matrix",
+    "rotation_matrix",
+]
 
 
 def fov_centre(affine: np.ndarray, shape) -> np.ndarray:
@@ -56,8 +59,8 @@ def fov_centre(affine: np.ndarray, shape) -> np.ndarray:
     return affine[:3, :3] @ ijk + affine[:3, 3]
 
 
-def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
-    """Rotation matrix ``Rx(rx) @ Ry(ry) @ Rz(rz)`` (radians, right-handed)."""
+def rotation_matrix(rx: float, ry: float, rz: float) -> np.ndarray:
+    """Rotation matrix ``Rx(rx) @ Ry(ry) @ Rz(rz)`` (radians, right-handed; SPM's order)."""
     cx, sx = np.cos(rx), np.sin(rx)
     cy, sy = np.cos(ry), np.sin(ry)
     cz, sz = np.cos(rz), np.sin(rz)
@@ -65,6 +68,37 @@ def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
     r_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     r_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     return r_x @ r_y @ r_z
+
+
+# old private name, still imported by tests/test_engine_normalize.py and
+# bench/bench_normalization.py (owned elsewhere): the same function, not a copy
+_rotation = rotation_matrix
+
+
+def rigid_matrix(params, centre) -> np.ndarray:
+    """The engine's one construction of a rigid world matrix: ``x -> R (x - c) + c + t``.
+
+    Parameters
+    ----------
+    params : sequence of 6 float
+        ``[trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (radians)]``.
+    centre : (3,) array
+        Rotation centre ``c`` in world mm (the field-of-view centre, :func:`fov_centre`).
+
+    Returns
+    -------
+    matrix : (4, 4) ndarray of float64
+        ``R = Rx(rot_x) @ Ry(rot_y) @ Rz(rot_z)`` (:func:`rotation_matrix`), translation
+        column ``c + t - R c``.
+    """
+    params = np.asarray(params, dtype=np.float64)
+    centre = np.asarray(centre, dtype=np.float64)
+    rot = rotation_matrix(*params[3:])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rot
+    # M(p) = R (p - c) + c + t  ->  translation column = c + t - R c
+    matrix[:3, 3] = centre + params[:3] - rot @ centre
+    return matrix
 
 
 def params_to_affine(params, affine, shape) -> np.ndarray:
@@ -105,13 +139,7 @@ def params_to_affine(params, affine, shape) -> np.ndarray:
         raise ValueError("params must have 6 entries: 3 translations (mm), 3 rotations (rad)")
     if not np.all(np.isfinite(params)):
         raise ValueError("params must be finite")
-    centre = fov_centre(affine, shape)
-    rot = _rotation(*params[3:])
-    matrix = np.eye(4)
-    matrix[:3, :3] = rot
-    # M(p) = R (p - c) + c + t  ->  translation column = c + t - R c
-    matrix[:3, 3] = centre + params[:3] - rot @ centre
-    return matrix
+    return rigid_matrix(params, fov_centre(affine, shape))
 
 
 def affine_to_params(matrix, affine, shape) -> np.ndarray:
