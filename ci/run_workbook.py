@@ -4,6 +4,7 @@ Usage::
 
     python ci/run_workbook.py            # default parameters (the full-size workbook)
     python ci/run_workbook.py --ci       # small parameters from ci/parameters.yaml
+    python ci/run_workbook.py --ci --course student   # the student build (helpers.course.build)
 
 Executed notebooks go to ``build/notebooks/``, HTML copies to ``build/html/``. The run stops
 at the first failing notebook (its executed copy and HTML still show where it failed), and
@@ -29,7 +30,7 @@ import yaml
 from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS_DIR = ROOT / "notebooks"
 CI_PARAMETERS = ROOT / "ci" / "parameters.yaml"
 CELL_TIMEOUT_S = 900  # a cell stuck (e.g. waiting on a widget) fails the run instead of hanging
 # A 12-digit AWS account id, not part of a longer number (a 13-digit timestamp in ms).
@@ -38,7 +39,7 @@ REDACTED = "<account-id>"
 
 
 def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = None,
-               overrides: dict | None = None) -> list[dict]:
+               overrides: dict | None = None, notebooks_dir: Path = NOTEBOOKS_DIR) -> list[dict]:
     """Execute every notebook in order; return one summary per notebook.
 
     Parameters
@@ -52,6 +53,9 @@ def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = No
     overrides : dict, optional
         ``{notebook stem: {parameter: value}}``, applied over the CI parameters (e.g. another
         dataset for notebook 03's ``bids_dir``).
+    notebooks_dir : Path
+        Where the notebooks to run are: the source (default) or a course build
+        (``build/course/student``); they run with ``notebooks/`` as working folder either way.
 
     Returns
     -------
@@ -64,7 +68,8 @@ def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = No
     (build_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     (build_dir / "html").mkdir(parents=True, exist_ok=True)
     summaries = []
-    for notebook in NOTEBOOKS:
+    from helpers.course.build import source_notebooks
+    for notebook in source_notebooks(notebooks_dir):
         if only and not any(notebook.name.startswith(p) for p in only):
             continue
         executed = build_dir / "notebooks" / notebook.name
@@ -72,7 +77,7 @@ def run_series(build_dir: Path, *, ci: bool = False, only: list[str] | None = No
         try:
             papermill.execute_notebook(
                 str(notebook), str(executed), parameters=params.get(notebook.stem, {}),
-                cwd=str(notebook.parent), kernel_name="python3", progress_bar=False,
+                cwd=str(NOTEBOOKS_DIR), kernel_name="python3", progress_bar=False,
                 execution_timeout=CELL_TIMEOUT_S,
                 # Cell errors are kept in the executed notebook; the kernel's own log lines
                 # (a TCP-transport notice, an interrupt at shutdown) are only noise here.
@@ -148,11 +153,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 01")
     parser.add_argument("--parameters", type=Path,
                         help="YAML {notebook: {parameter: value}} over the CI parameters")
+    parser.add_argument("--course", choices=("student", "instructor"),
+                        help="build the course (helpers.course.build) and run this version")
     args = parser.parse_args(argv)
+    notebooks_dir = NOTEBOOKS_DIR
+    if args.course:
+        from helpers.course.build import build_course
+        build_course(args.build_dir / "course")
+        notebooks_dir = args.build_dir / "course" / args.course
     started = time.monotonic()
     try:
         overrides = yaml.safe_load(args.parameters.read_text()) if args.parameters else None
-        summaries = run_series(args.build_dir, ci=args.ci, only=args.only, overrides=overrides)
+        summaries = run_series(args.build_dir, ci=args.ci, only=args.only, overrides=overrides,
+                               notebooks_dir=notebooks_dir)
     except papermill.PapermillExecutionError as exc:
         from helpers import local_cloud
         local_cloud.stop()
