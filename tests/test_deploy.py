@@ -1,6 +1,7 @@
 """The deployment zip and the function's configuration: what the zip holds, its size against
 Lambda's limits, reproducibility, dependencies complete for the target runtime, and one
 configuration for notebook 02, the tests and the console guide."""
+import json
 import re
 import zipfile
 from importlib.metadata import distributions
@@ -10,9 +11,10 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from helpers.cloud.deploy import (AWS_RUNTIME, UNZIPPED_LIMIT_MB, ZIPPED_LIMIT_MB,
-                                  FunctionSpec, build_lambda_zip, function_configuration,
-                                  local_runtime, missing_for_target, target_environment)
+from helpers.cloud.deploy import (AWS_RUNTIME, UNZIPPED_LIMIT_MB, WORKBOOK_LARGEST_RUN,
+                                  ZIPPED_LIMIT_MB, FunctionSpec, build_lambda_zip,
+                                  function_configuration, local_runtime, missing_for_target,
+                                  target_environment)
 from helpers.cloud.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -119,8 +121,16 @@ def test_markers_are_evaluated_for_the_target_not_the_host(tmp_path):
 
 
 def test_console_guide_states_the_deployed_configuration():
-    """docs/setup_guide.md gives the values notebook 02 deploys (FunctionSpec)."""
-    spec = FunctionSpec()
+    """docs/setup_guide.md gives the values notebook 02 deploys by default: the FunctionSpec
+    sized for its ``largest_run`` (the workbook's simulated runs are smaller)."""
+    import papermill
+
+    params = papermill.inspect_notebook(str(ROOT / "notebooks" /
+                                            "02_package_and_deploy_lambda.ipynb"))
+    assert tuple(json.loads(params["largest_run"]["default"])) == WORKBOOK_LARGEST_RUN
+    *grid, n_volumes = WORKBOOK_LARGEST_RUN
+    spec = FunctionSpec.sized_for(grid, n_volumes, itemsize=4)
+    assert spec == FunctionSpec()  # the tests' deployments (pipeline_fixtures) are the same
     config = function_configuration(Settings(mode="aws", workbook_id="fmriwb-guide"), spec,
                                     role_arn="arn:aws:iam::123456789012:role/r",
                                     runtime=AWS_RUNTIME)

@@ -198,6 +198,11 @@ def _write_zip(stage: Path, path: Path) -> int:
 # The function's configuration: one source
 
 
+#: The largest run the workbook sends to its function, (X, Y, Z, volumes): notebook 04b's
+#: real scan (the simulated runs are smaller). Notebook 02's ``largest_run`` parameter.
+WORKBOOK_LARGEST_RUN = (80, 80, 35, 156)
+
+
 @dataclass(frozen=True)
 class FunctionSpec:
     """How the function runs. Every value has a reason, given beside it.
@@ -207,12 +212,13 @@ class FunctionSpec:
     memory_mb : int
         ``MemorySize``. The engine's memory depends on the volume's size, not the run's
         length (:mod:`fmri_preproc.resources`): a 64 x 64 x 32 grid needs about 130 MB,
-        100 x 100 x 72 about 190 MB; memory also buys CPU (one vCPU at 1,769 MB).
+        100 x 100 x 72 about 190 MB; memory also buys CPU (one vCPU at 1,769 MB), and a
+        CPU-bound run costs the same GB-seconds below that, only slower.
     timeout_s : int
-        ``Timeout``: a safety stop well above a run's duration (10-40 s at this size).
+        ``Timeout``: a safety stop well above a run's duration (a few seconds at this size).
     ephemeral_mb : int
         ``EphemeralStorage``: /tmp holds the download, the run as float32 and the outputs
-        (512 MB is free; the default run needs about 350 MB).
+        (512 MB is free; the largest workbook run needs about 700 MB).
     max_concurrency : int
         Reserved concurrency: at most this many runs at once (a cost cap).
     retry_attempts : int
@@ -236,17 +242,18 @@ class FunctionSpec:
         setting to raise. The estimate has a 1.25x margin; False skips the check (for runs
         known to fit, or to watch a real timeout or out-of-memory kill).
 
-    To size the function for the largest run a study has, use :meth:`sized_for`.
+    The defaults are :meth:`sized_for` the workbook's largest run,
+    :data:`WORKBOOK_LARGEST_RUN` (a test checks it); for larger runs, use :meth:`sized_for`.
     """
 
-    memory_mb: int = 384
+    memory_mb: int = 1769
     timeout_s: int = 120
-    ephemeral_mb: int = 512
+    ephemeral_mb: int = 1024
     max_concurrency: int = 4
     retry_attempts: int = 1
     max_event_age_s: int = 21600
     fwhm_mm: float = 6.0
-    max_input_mb: float = 150.0
+    max_input_mb: float = 136.0
     blas_threads: int = 1
     repetition_time_s: float | None = None
     size_check: bool = True
@@ -284,8 +291,8 @@ class FunctionSpec:
         -------
         FunctionSpec
             ``memory_mb``: enough memory, at least ``cpu_memory_mb``, and more where CPU is
-            needed to finish in 15 minutes; ``timeout_s``: twice the estimate (at most 900 s,
-            a safety stop);
+            needed to finish in 15 minutes; ``timeout_s``: twice the estimate, at least 120 s
+            (a cold start and the transfers of a slow, shared machine) and at most 900 s;
             ``ephemeral_mb``: the download, the float32 run and the outputs;
             ``max_input_mb``: the run's stored size (an upload cannot be larger).
 
@@ -319,7 +326,7 @@ class FunctionSpec:
         need = resources.needs(run, memory_mb=memory, input_bytes=upload, smoothed=smoothed)
         sized = dict(memory_mb=memory,
                      timeout_s=min(resources.LAMBDA_MAX_TIMEOUT_S,
-                                   max(60, _round_up(2 * need.seconds, 30))),
+                                   max(120, _round_up(2 * need.seconds, 30))),
                      ephemeral_mb=max(resources.LAMBDA_MIN_EPHEMERAL_MB,
                                       _round_up(need.tmp_mb, 512)),
                      max_input_mb=float(math.ceil(run.stored_bytes / 2**20 * 1.01 + 1)))
