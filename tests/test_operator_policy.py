@@ -112,7 +112,7 @@ def test_operator_policy_is_scoped_to_the_workbook():
 def sources() -> dict[str, str]:
     """Python source of the notebooks' code cells and of helpers/cloud, by file."""
     found = {}
-    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb")):
         cells = nbformat.read(path, as_version=4).cells
         found[path.name] = "\n".join(c.source for c in cells if c.cell_type == "code")
     for path in sorted((ROOT / "helpers" / "cloud").glob("*.py")):

@@ -108,6 +108,7 @@ References
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -115,7 +116,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .contract import TEMPLATE
+from . import png
+from .contract import TEMPLATE, Sidecar
 from .inputs import InputError
 from .motion import apply_affine as _apply, trilinear as _trilinear
 from .smoothing import fwhm_to_sigma, smooth_volume
@@ -133,6 +135,9 @@ __all__ = [
     "write_itk_affine",
     "read_itk_affine",
     "normalization_figure",
+    "MNI_KINDS",
+    "normalize_or_warn",
+    "write_mni_outputs",
 ]
 
 _DATA = Path(__file__).resolve().parent / "data"
@@ -1040,3 +1045,177 @@ def normalization_figure(image: np.ndarray, *, template: Template | None = None,
     width = max(row.shape[1] for row in rows)
     rows = [np.pad(row, ((0, gap), (0, width - row.shape[1]), (0, 0))) for row in rows]
     return np.concatenate(rows, axis=0)[:-gap]
+
+
+# ------------------------------------------------------------------------------------------
+# The pipeline's MNI outputs
+
+#: Output kinds (keys of ``contract.OUTPUTS``) written when normalisation succeeds, in the
+#: order they are made visible (the series' sidecar last).
+MNI_KINDS = ("mni_preproc_bold", "mni_brain_mask", "xfm_to_mni", "normalization_figure",
+             "mni_preproc_json")
+PARTIAL_COVERAGE = 0.9  # below this, the MNI outputs are written with a warning
+_NIFTI_MNI_CODE = 4     # NIfTI xform code "MNI_152"
+
+
+class _FixedTrilinear:
+    """Trilinear sampling of many volumes at the same points: indices and weights once.
+
+    After motion correction every volume of a run shares the boldref's grid, so the
+    template-to-run map is the same for all of them; computing it once makes each volume
+    eight gathers and seven interpolations.
+    """
+
+    def __init__(self, shape, coords: np.ndarray):
+        nx, ny, nz = shape
+        x, y, z = coords
+        self.inside = ((x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
+                       & (z > -0.5) & (z < nz - 0.5))
+        x, y, z = (np.clip(c[self.inside], 0, n - 1) for c, n in zip(coords, shape))
+        lo = [np.minimum(c.astype(np.int32), n - 2) for c, n in zip((x, y, z), shape)]
+        self.frac = [(c - i).astype(np.float32) for c, i in zip((x, y, z), lo)]
+        self.base = lo[0] + nx * (lo[1] + ny * lo[2])
+        self.steps = (1, nx, nx * ny)
+
+    def __call__(self, flat: np.ndarray) -> np.ndarray:
+        fx, fy, fz = self.frac
+        sx, sy, sz = self.steps
+        corner = [flat[self.base + dy + dz] for dz in (0, sz) for dy in (0, sy)]
+        edge = [c + fx * (flat[self.base + off + sx] - c)
+                for c, off in zip(corner, (0, sy, sz, sz + sy))]
+        face = [edge[0] + fy * (edge[1] - edge[0]), edge[2] + fy * (edge[3] - edge[2])]
+        return face[0] + fz * (face[1] - face[0])
+
+
+#: A field of view smaller than this (ml) cannot hold a brain (an adult's is about 1,200 ml;
+#: a slab of a third of it is still normalised): such runs (test phantoms, a single slice
+#: stack of a phantom) are not normalised, which is noted, not warned about.
+MIN_BRAIN_FOV_ML = 400.0
+
+
+def normalize_or_warn(boldref: np.ndarray, affine: np.ndarray,
+                      summary: dict) -> Normalization | None:
+    """:func:`estimate_normalization`, a refusal turned into a warning of the run.
+
+    Parameters
+    ----------
+    boldref : (X, Y, Z) array
+        The run's reference volume.
+    affine : (4, 4) array
+        Its voxel-to-world affine (mm).
+    summary : dict
+        The run's summary: a warning string is appended to ``summary["warnings"]`` (created
+        if missing) when normalisation fails or the field of view covers under
+        :data:`PARTIAL_COVERAGE` of the template brain.
+
+    Returns
+    -------
+    Normalization or None
+        None when normalisation failed, or was not attempted because the field of view is
+        under :data:`MIN_BRAIN_FOV_ML` (``summary["normalization"]`` says so, no warning):
+        the run is still processed, native outputs only.
+    """
+    warnings = summary.setdefault("warnings", [])
+    fov_ml = abs(np.linalg.det(np.asarray(affine)[:3, :3])) * np.prod(boldref.shape) / 1000
+    if fov_ml < MIN_BRAIN_FOV_ML:
+        summary["normalization"] = (f"not attempted: the field of view ({fov_ml:.0f} ml) "
+                                    f"is under {MIN_BRAIN_FOV_ML:.0f} ml, too small for a "
+                                    "brain")
+        return None
+    try:
+        fit = estimate_normalization(boldref, affine)
+    except InputError as exc:
+        warnings.append(f"Normalisation to {TEMPLATE} failed, so only native-space outputs "
+                        f"were written: {exc}")
+        return None
+    if fit.coverage < PARTIAL_COVERAGE:
+        warnings.append(f"The field of view holds {100 * fit.coverage:.0f} % of the "
+                        f"{TEMPLATE} brain: the MNI outputs are 0 outside it (regions "
+                        "there have no signal).")
+    return fit
+
+
+def _mni_header(resampler: TemplateResampler, dtype, n_volumes: int | None, tr_s: float):
+    """A NIfTI-1 header on the template's 2 mm grid (sform/qform code MNI_152)."""
+    shape = resampler.shape if n_volumes is None else (*resampler.shape, n_volumes)
+    img = nib.Nifti1Image(np.broadcast_to(np.zeros((), dtype), shape), resampler.affine)
+    header = img.header
+    header.set_data_dtype(dtype)
+    header.set_qform(resampler.affine, code=_NIFTI_MNI_CODE)
+    header.set_sform(resampler.affine, code=_NIFTI_MNI_CODE)
+    header.set_xyzt_units("mm", "sec")
+    if n_volumes is not None:
+        header.set_zooms((*header.get_zooms()[:3], float(tr_s)))
+    header.set_slope_inter(1.0, 0.0)
+    header["descrip"] = f"fmri_preproc: {TEMPLATE} 2 mm"[:79].encode()
+    return header
+
+
+def write_mni_outputs(paths: dict, fit: Normalization, volumes, mask: np.ndarray,
+                      affine: np.ndarray, *, tr: tuple, sources: list, write_nifti) -> None:
+    """Write the run in template space: series, mask, transform, QC figure, sidecar.
+
+    Parameters
+    ----------
+    paths : dict
+        Output kind -> path for every kind of :data:`MNI_KINDS` (the pipeline's hidden
+        temporary names: it makes them visible with the other outputs).
+    fit : Normalization
+        From :func:`normalize_or_warn`.
+    volumes : (X, Y, Z, T) array-like
+        The motion-corrected run on the boldref's grid (the pipeline's scratch file), read
+        one volume at a time.
+    mask : (X, Y, Z) array
+        The native brain mask.
+    affine : (4, 4) array
+        The boldref's voxel-to-world affine (mm).
+    tr : (float, dict)
+        Repetition time in seconds and its provenance.
+    sources : list of str
+        File names the series derives from (its ``Sources``).
+    write_nifti : callable
+        ``write_nifti(path, header, volumes, strategy)``: the pipeline's streaming gzip
+        writer; called with ``zlib.Z_RLE`` (three quarters of the grid is 0).
+
+    Notes
+    -----
+    Each volume is resampled from the motion-corrected series, i.e. a second trilinear
+    interpolation after reslicing. That costs a little smoothing (below the usual 6 mm
+    kernel's) but makes the map the same for every volume, so indices and weights are
+    computed once (:class:`_FixedTrilinear`). Memory: one 99 x 117 x 95 volume (4.4 MB)
+    and the sampling weights (about 5 MB), whatever the run's length.
+    """
+    resampler = TemplateResampler(affine, fit.matrix)
+    native_shape = tuple(volumes.shape[:3])
+    sampler = _FixedTrilinear(native_shape, resampler._coords(None))
+    index = resampler._index[sampler.inside]
+    n_volumes = volumes.shape[3]
+    mean = np.zeros(resampler.shape, dtype=np.float64, order="F")
+
+    def stream():
+        for t in range(n_volumes):
+            out = np.zeros(resampler.shape, dtype=np.float32, order="F")
+            out.reshape(-1, order="F")[index] = sampler(
+                np.asarray(volumes[..., t], dtype=np.float32).ravel(order="F"))
+            np.add(mean, out, out=mean)  # for the QC figure: the mean EPI
+            yield out
+
+    write_nifti(paths["mni_preproc_bold"],
+                _mni_header(resampler, np.float32, n_volumes, tr[0]), stream(), zlib.Z_RLE)
+    write_nifti(paths["mni_brain_mask"], _mni_header(resampler, np.uint8, None, tr[0]),
+                [resampler.mask(mask)], zlib.Z_RLE)
+    write_itk_affine(paths["xfm_to_mni"], fit.matrix)
+    png.write_png(paths["normalization_figure"], normalization_figure(mean / max(n_volumes, 1)))
+    sidecar = {
+        Sidecar.REPETITION_TIME: tr[0],
+        Sidecar.REPETITION_TIME_SOURCE: tr[1],
+        Sidecar.SKULL_STRIPPED: False,
+        Sidecar.SOURCES: list(sources),
+        "SpatialReference": TEMPLATE,
+        "Resolution": "2 mm isotropic, nilearn's MNI152 grid (99 x 117 x 95)",
+        "Normalization": fit.to_dict(),
+        "Resampling": "trilinear from the motion-corrected series; 0 outside the field of "
+                      "view and beyond 8 mm of the template brain",
+    }
+    Path(paths["mni_preproc_json"]).write_text(json.dumps(sidecar, indent=2) + "\n",
+                                               encoding="utf-8")
