@@ -198,8 +198,8 @@ def _write_zip(stage: Path, path: Path) -> int:
 # The function's configuration: one source
 
 
-#: The largest run the workbook sends to its function, (X, Y, Z, volumes): notebook 04b's
-#: real scan (the simulated runs are smaller). Notebook 02's ``largest_run`` parameter.
+#: The largest run the workbook expects, (X, Y, Z, volumes): a real 3 T scan, the shared
+#: studyforrest run (the simulated runs are smaller). Notebook 02's ``largest_run`` parameter.
 WORKBOOK_LARGEST_RUN = (80, 80, 35, 156)
 
 
