@@ -182,7 +182,7 @@ def main(argv=None) -> int:
             print(m["stderr"])
             return 1
         summary = json.loads(m["stdout"])
-        params = read_confounds(out_dir / f"{name}_desc-confounds_timeseries.tsv")
+        params = read_confounds(summary["outputs"]["confounds"])
         matrices = [fp.params_to_affine(p, affine, shape) for p in params]
         err = motion_errors(matrices, truth, affine, shape, summary["reference_volume"])
         err0 = offset_removed(matrices, truth, affine, shape, summary["reference_volume"])
