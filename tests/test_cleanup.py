@@ -24,15 +24,15 @@ pytestmark = pytest.mark.slow  # the local cloud (see pyproject's markers)
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    """A sandbox where notebooks 01 and 02 have just run; boto3 points at its local cloud."""
+    """A sandbox where notebooks 00-02 have just run (02 runs the engine on a run of 00); boto3 points at its local cloud."""
     sandbox = tmp_path_factory.mktemp("cleanup")
     done = subprocess.run(
-        [sys.executable, "ci/run_workbook.py", "--ci", "--only", "01", "02", "--build-dir",
+        [sys.executable, "ci/run_workbook.py", "--ci", "--only", "00", "01", "02", "--build-dir",
          str(sandbox / "build")], cwd=ROOT, env=sandbox_env(sandbox), capture_output=True,
         text=True, timeout=600)
     if done.returncode:
         run_module(sandbox, "helpers.local_cloud", "stop")
-        pytest.fail(f"notebooks 01-02 failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        pytest.fail(f"notebooks 00-02 failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     with private_cloud(sandbox, start=False):
         yield sandbox
 

@@ -23,6 +23,15 @@ def test_censoring_takes_one_before_two_after_and_drops_short_segments():
     assert nb04.check_censoring(kept, fd, 0.5) and not nb04.check_censoring(None, fd, 0.5)
 
 
+def test_unanswered_exercises_say_not_yet_instead_of_failing():
+    """The student build leaves each answer at None: its check must run and say why."""
+    fd = np.zeros(30)
+    checks = [nb04.check_censoring(None, fd, 0.5), nb04.check_tdof_loss(None, None, None, 30),
+              nb04.check_relative_error(None, 0.12, 0.1)]
+    assert not any(checks) and all("set `" in c.message for c in checks)
+    assert nb04.check_relative_error(1.2, 0.12, 0.1) and nb04.check_tdof_loss(0, None, None, 30)
+
+
 def test_subjects_censored_below_half_their_run_are_left_out():
     still, restless = np.full(40, 0.1), np.tile([0.1, 0.9], 20)
     assert list(denoising.included_subjects([still, restless], 0.5)) == [True, False]

@@ -32,7 +32,7 @@ def _runs() -> dict[str, nib.Nifti1Image]:
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
-    """Notebooks 01-03 on the second dataset, then 05; the output bucket read before cleanup."""
+    """Notebooks 00-02, 03 on the second dataset, then 05; the output bucket read before cleanup."""
     sandbox = tmp_path_factory.mktemp("bids2")
     dataset = sandbox / "other_study"
     for relative, img in _runs().items():
@@ -55,7 +55,7 @@ def series(tmp_path_factory):
                               capture_output=True, text=True, timeout=1200)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    notebooks("01", "02", "03")
+    notebooks("00", "01", "02", "03")  # 02 runs the engine on a run of 00 first
     from helpers.cloud.clients import client
     from helpers.cloud.settings import Settings
     from helpers.cloud.transfer import download_prefix
