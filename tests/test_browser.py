@@ -130,8 +130,10 @@ def page(lab):
 
 def _open(page, lab, name: str):
     page.goto(f"{lab['base']}/lab/tree/{name}?token={lab['token']}")
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+    # notebooks opened before stay in the workspace, hidden: wait for the visible one
+    page.locator(".jp-Notebook .jp-Cell:visible").first.wait_for(timeout=120_000)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']:visible").first.wait_for(
+        timeout=120_000)
 
 
 def _run_all(page):
@@ -174,7 +176,9 @@ def test_every_notebook_opens_in_the_lab(lab, page):
     for path in source_notebooks():
         _open(page, lab, path.name)
         title = nbformat.read(path, as_version=4).cells[0].source.splitlines()[0].lstrip("# ")
-        page.wait_for_selector(f"text={title[:30]}", timeout=60_000)
+        # the notebook's own heading (the table of contents lists the same text, hidden)
+        page.locator(".jp-Notebook .jp-RenderedMarkdown h1:visible",
+                     has_text=title[:30]).first.wait_for(timeout=60_000)
         if os.environ.get("COURSE_SCREENSHOTS"):
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOTS / f"{path.stem}.png"))
