@@ -424,19 +424,25 @@ def cosine_drift(n_volumes: int, tr: float, *, period_s: float = HIGH_PASS_PERIO
     return np.sqrt(2.0 / n_volumes) * np.cos(np.pi / n_volumes * (n[:, None] + 0.5) * k[None])
 
 
-def acompcor(series: np.ndarray, drift: np.ndarray, *,
+def acompcor(series, drift: np.ndarray, *,
              variance: float = ACOMPCOR_VARIANCE) -> tuple[np.ndarray, list[dict]]:
     """Anatomical CompCor: principal components of the noise-tissue voxels.
 
     As fMRIPrep (Nipype ``compute_noise_components``): each voxel's series is
     high-passed by regressing out a constant and the cosine basis, scaled to unit
-    variance, and decomposed by SVD; components are kept until they explain ``variance``
-    of the variance (50 %).
+    variance, and decomposed into principal components; components are kept until they
+    explain ``variance`` of the variance (50 %).
+
+    The decomposition is that of the ``T x T`` matrix ``X X'`` of the scaled series
+    ``X`` (T x V), summed over chunks of voxels: its eigenvectors are ``X``'s left singular
+    vectors and its eigenvalues their squared singular values, as an SVD of ``X`` would
+    give, but memory holds one chunk and ``T x T`` numbers, not every noise voxel's
+    series.
 
     Parameters
     ----------
-    series : (V, T) array
-        Time series of the combined WM + CSF mask's voxels.
+    series : (V, T) array, or an iterable of (v, T) arrays
+        Time series of the combined WM + CSF mask's voxels, whole or in chunks.
     drift : (T, K) array
         Cosine regressors (:func:`cosine_drift`).
     variance : float
@@ -456,15 +462,23 @@ def acompcor(series: np.ndarray, drift: np.ndarray, *,
     .. [2] Esteban O et al. (2019). fMRIPrep: a robust preprocessing pipeline for functional
        MRI. Nat Methods 16:111-116. :doi:`10.1038/s41592-018-0235-4`
     """
-    x = np.asarray(series, dtype=np.float64).T  # (T, V)
-    design = np.column_stack([np.ones(len(x)), drift])
-    x = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
-    sd = x.std(axis=0)
-    x = x / np.where(sd > 0, sd, 1.0)
-    u, s, _ = np.linalg.svd(x, full_matrices=False)
-    keep = s > s[0] * 1e-10 if s.size else s.astype(bool)
-    u, s = u[:, keep], s[keep]
-    explained = s**2 / np.sum(s**2)
+    chunks = [series] if isinstance(series, np.ndarray) else series
+    design = np.column_stack([np.ones(len(drift)), drift])
+    project = np.linalg.pinv(design)
+    gram = np.zeros((len(design), len(design)))
+    for chunk in chunks:
+        x = np.asarray(chunk, dtype=np.float64).T  # (T, v)
+        x -= design @ (project @ x)
+        sd = x.std(axis=0)
+        x /= np.where(sd > 0, sd, 1.0)
+        gram += x @ x.T
+    eigenvalues, vectors = np.linalg.eigh(gram)
+    eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1]
+    # the residuals' rank is at most T - K - 1: drop the numerically-zero directions
+    keep = eigenvalues > eigenvalues[0] * 1e-10 if eigenvalues.size and eigenvalues[0] > 0 \
+        else np.zeros(eigenvalues.size, dtype=bool)
+    s, u = np.sqrt(eigenvalues[keep]), vectors[:, keep]
+    explained = s**2 / np.sum(s**2) if s.size else s
     cumulative = np.cumsum(explained)
     n_keep = int(np.searchsorted(cumulative, variance) + 1) if s.size else 0
     metadata = [{"SingularValue": float(s[k]), "VarianceExplained": float(explained[k]),
@@ -557,7 +571,8 @@ def compute_confounds(data, reference: np.ndarray, params: np.ndarray, matrices,
     columns.update(motion)
     columns[RMSD] = rmsd(matrices, affine, reference.shape)
     drift = cosine_drift(n_t, tr) if tr else np.zeros((n_t, 0))
-    components, component_meta = _acompcor_of(data, tissues["combined"], drift, n_non_steady)
+    combined = tissues["combined"] if slabs is None else slabs.mask(tissues["combined"])
+    components, component_meta = _acompcor_of(series, combined, drift, n_non_steady)
     for k in range(components.shape[1]):
         columns[indexed_column(A_COMP_COR, k)] = components[:, k]
     for k in range(drift.shape[1]):
@@ -583,15 +598,19 @@ class _SkipVolumes:
         return self.data[index][..., self.skip:]
 
 
-def _acompcor_of(data, mask, drift, n_non_steady):
-    """aCompCor on the steady-state volumes; leading non-steady rows are 0 (as Nipype)."""
-    n_t = data.shape[-1]
-    series = np.empty((int(mask.sum()), n_t - n_non_steady), dtype=np.float32)
-    for t in range(n_non_steady, n_t):
-        series[:, t - n_non_steady] = data[..., t][mask]
-    if series.shape[1] < 3 or series.shape[0] < 2:
+def _acompcor_of(series, mask, drift, n_non_steady):
+    """aCompCor on the steady-state volumes; leading non-steady rows are 0 (as Nipype).
+
+    ``series`` is read in slabs of voxels (``series[:, :, z0:z1]``, all volumes), so memory
+    holds one slab, never the noise voxels' whole series.
+    """
+    n_t = series.shape[-1]
+    steady = _SkipVolumes(series, n_non_steady) if n_non_steady else series
+    if n_t - n_non_steady < 3 or mask.sum() < 2:
         return np.zeros((n_t, 0)), []
-    components, meta = acompcor(series, drift[n_non_steady:])
+    chunks = (steady[index][slab_mask] for index, slab_mask in _voxel_chunks(mask)
+              if slab_mask.any())
+    components, meta = acompcor(chunks, drift[n_non_steady:])
     return np.vstack([np.zeros((n_non_steady, components.shape[1])), components]), meta
 
 
