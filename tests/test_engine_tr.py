@@ -63,3 +63,13 @@ def test_the_output_sidecar_records_the_tr_and_its_source(tmp_path):
     assert sidecar["RepetitionTime"] == 2.0
     assert sidecar["RepetitionTimeSource"]["Source"] == "sidecar"
     assert result.summary["repetition_time_s"] == 2.0
+    # the images' headers carry the TR used too: nilearn reads it from there
+    for kind in ("preproc_bold", "smoothed_bold"):
+        header = nib.load(result.outputs[kind]).header
+        assert header.get_zooms()[3] == pytest.approx(2.0) and header.get_xyzt_units()[1] == "sec"
+
+
+def test_a_header_in_milliseconds_is_written_back_in_seconds(tmp_path):
+    result = preprocess(_run(tmp_path, tr=800.0, unit="msec"), tmp_path / "out")
+    header = nib.load(result.outputs["preproc_bold"]).header
+    assert header.get_zooms()[3] == pytest.approx(0.8) and header.get_xyzt_units()[1] == "sec"

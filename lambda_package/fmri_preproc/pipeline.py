@@ -193,7 +193,7 @@ def _process(store, info, run, out_dir, fwhm, reference, n_nonfinite, tr, timing
     with _visible_when_complete(outputs) as tmp:
         # --- outputs: streamed, one volume at a time
         tic = time.perf_counter()
-        header = _float_header(info.path)
+        header = _float_header(info.path, tr[0])
         _write_nifti_gz(tmp["preproc_bold"], _image(store.shape, affine, header,
                                                     "motion corrected"),
                         (store[..., t] for t in range(n_volumes)))
@@ -296,11 +296,15 @@ def _visible_when_complete(outputs: dict):
                 path.unlink()
 
 
-def _float_header(path):
-    """The input's header (orientation, TR, units), set for float32 output, unscaled."""
+def _float_header(path, tr_s: float):
+    """The input's header (orientation, units), set for float32 output, unscaled, with the
+    TR that was used (``tr_s``, in seconds): tools that read the TR from the header (nilearn
+    does) then agree with the sidecar, whichever source it came from."""
     header = nib.load(path).header.copy()  # header only: no data read
     header.set_data_dtype(np.float32)
     header.set_slope_inter(1.0, 0.0)
+    header.set_xyzt_units(header.get_xyzt_units()[0], "sec")
+    header["pixdim"][4] = tr_s
     return header
 
 
