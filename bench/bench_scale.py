@@ -138,11 +138,11 @@ def study(row: dict, compressed: float, n_runs: int = 1000, concurrency: int = 1
     waves = -(-n_runs // concurrency)
     gb_s = spec.memory_mb / 1024 * run_s * n_runs
     tmp_gb_s = (spec.ephemeral_mb - 512) / 1024 * run_s * n_runs
-    series_mb = (row["out_mb"] - 1) / 2  # the two float32 series dominate the outputs
-    parts = -(-int(series_mb * 2**20) // TRANSFER.multipart_chunksize)
-    puts = n_runs * (1 + 2 * (parts + 2) + 6 + 2)  # upload; 2 series (parts + create and
-    # complete); 6 small outputs; marker and the dataset files
-    gets = n_runs * (4 + 9)  # header, run, 2 sidecars; a HEAD before each of 9 writes
+    # the three series (native, smoothed, MNI) are nearly all of the outputs' bytes
+    parts = -(-int(row["out_mb"] * 2**20) // TRANSFER.multipart_chunksize) + 3
+    puts = n_runs * (1 + parts + 3 * 2 + 10 + 2)  # upload; the series' parts (create and
+    # complete each); 10 small outputs; marker and the dataset files
+    gets = n_runs * (4 + 14)  # header, run, 2 sidecars; a HEAD before each of 14 writes
     stored_gb = n_runs * (row["upload_mb"] + row["out_mb"]) / 1024
     costs = {"Lambda compute (GB-s)": gb_s * PRICES["lambda_gb_second"].usd,
              "Lambda /tmp above 512 MB (GB-s)": tmp_gb_s * EPHEMERAL_GB_SECOND_USD,

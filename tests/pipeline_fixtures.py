@@ -16,7 +16,8 @@ from urllib.parse import quote_plus, unquote_plus
 import nibabel as nib
 import numpy as np
 
-from fmri_preproc.contract import run_from_key
+from fmri_preproc.contract import OUTPUTS, run_from_key
+from fmri_preproc.normalize import MNI_KINDS
 from helpers.cloud.clients import client
 from helpers.cloud.deploy import (FunctionSpec, build_lambda_zip, event_invoke_configuration,
                                   function_configuration, invoke_permission,
@@ -158,15 +159,23 @@ class Pipeline:
         return f"{self.cfg.output_prefix}{relative}"
 
     def outputs(self, key: str) -> dict[str, dict]:
-        """Output objects of ``key``'s run (its folder, names starting with its entities)."""
+        """Output objects of ``key``'s run (in its folders, func/ and figures/, names
+        starting with its entities)."""
         run = self.run(key)
-        pages = client("s3").get_paginator("list_objects_v2").paginate(
-            Bucket=self.cfg.output_bucket, Prefix=f"{self.cfg.output_prefix}{run.id}_")
-        return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
+        folders = {run.path(kind).rpartition("/")[0] for kind in OUTPUTS}
+        found = {}
+        for folder in folders:
+            prefix = f"{self.cfg.output_prefix}{folder}/" if folder else self.cfg.output_prefix
+            pages = client("s3").get_paginator("list_objects_v2").paginate(
+                Bucket=self.cfg.output_bucket, Prefix=f"{prefix}{run.name.stem}_")
+            found.update({o["Key"]: o for page in pages for o in page.get("Contents", [])})
+        return found
 
-    def expected_outputs(self, key: str) -> set[str]:
-        """The keys of a complete result: every output and the completion marker."""
-        return {self.out_key(key, kind) for kind in (*OUTPUT_KINDS, "done")}
+    def expected_outputs(self, key: str, normalised: bool = False) -> set[str]:
+        """The keys of a complete result: every output and the completion marker, and the
+        MNI-space outputs when the field of view is a brain's (``normalised``)."""
+        kinds = (*OUTPUT_KINDS, *(MNI_KINDS if normalised else ()), "done")
+        return {self.out_key(key, kind) for kind in kinds}
 
     def read(self, out_key: str) -> bytes:
         return client("s3").get_object(Bucket=self.cfg.output_bucket, Key=out_key)["Body"].read()

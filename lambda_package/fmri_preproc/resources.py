@@ -1,9 +1,11 @@
 """What a run needs (memory, /tmp, time), from its header alone, and whether a function fits.
 
-The engine's memory is flat in the run's length (:mod:`fmri_preproc.pipeline`): it is a
-fixed part (the interpreter, numpy, nibabel, boto3 in the function, the confounds pass's
-bounded slabs) plus a cost per voxel of *one volume* (the motion estimator's images and
-gradients, a few volumes in flight). Disk and time grow with the number of voxel-volumes.
+The engine's memory is flat in the run's length (:mod:`fmri_preproc.pipeline`): a fixed
+part (the interpreter, numpy, nibabel, boto3 in the function, the MNI template and its
+sampling weights, the confounds passes' bounded slabs, aCompCor's T x T matrix) plus a cost
+per voxel of *one volume* (the motion estimator's images and gradients, a few volumes in
+flight). Disk and time grow with the number of voxel-volumes, of the run and of its copy
+in MNI space (nilearn's 2 mm grid, whatever the run's size).
 The constants below were measured with ``bench/bench_scale.py`` (``bench/RESULTS_scale.md``),
 which prints the model beside its measurements; re-measure them when the engine changes.
 
@@ -41,9 +43,12 @@ LAMBDA_MIN_EPHEMERAL_MB = 512
 LAMBDA_MAX_EPHEMERAL_MB = 10240
 
 # The engine, measured (bench/bench_scale.py; 64^3-ish to 128x128x64 grids, 16-600 volumes)
-BASE_MB = 95.0                  # interpreter + numpy + nibabel + boto3 + bounded buffers
-BYTES_PER_VOXEL = 80.0          # per voxel of one volume (motion estimation's working set)
+BASE_MB = 110.0                 # interpreter + numpy + nibabel + boto3 + template + buffers
+BYTES_PER_VOXEL = 85.0          # per voxel of one volume (motion estimation's working set)
 SECONDS_PER_MVV = 0.35          # s per million voxel-volumes on one vCPU, whole command
+MNI_VOXELS = 99 * 117 * 95      # the MNI series' grid (normalize.Template.grid_shape)
+MNI_COMPRESSED_RATIO = 0.3      # its RLE gzip: three quarters of the grid is 0 (measured 0.25)
+MNI_SECONDS_PER_MVV = 0.03      # resampling into that grid, per million template voxel-volumes
 S3_MB_PER_S = 60.0              # download + upload in the same region, conservative
 FIXED_S = 5.0                   # start, small files, marker
 MARGIN = 1.25                   # on every estimate: another machine, another run
@@ -93,7 +98,8 @@ def cpu_share(memory_mb: float) -> float:
 
 
 def needs(run: RunShape, *, memory_mb: int = LAMBDA_MB_PER_VCPU, input_bytes: int | None = None,
-          smoothed: bool = True, seconds_per_mvv: float = SECONDS_PER_MVV) -> Needs:
+          smoothed: bool = True, normalised: bool = True,
+          seconds_per_mvv: float = SECONDS_PER_MVV) -> Needs:
     """Memory, /tmp and time a run needs in the function, with a margin (``MARGIN``).
 
     Parameters
@@ -105,6 +111,9 @@ def needs(run: RunShape, *, memory_mb: int = LAMBDA_MB_PER_VCPU, input_bytes: in
         The uploaded file's size (compressed); default: the stored size (no compression).
     smoothed : bool, optional
         Whether a smoothed series is written too (FWHM > 0).
+    normalised : bool, optional
+        Whether the run is also written in MNI space (every run whose field of view can
+        hold a brain; counting it for a smaller one only over-estimates).
     seconds_per_mvv : float, optional
         Engine time per million voxel-volumes on one vCPU.
 
@@ -112,15 +121,19 @@ def needs(run: RunShape, *, memory_mb: int = LAMBDA_MB_PER_VCPU, input_bytes: in
     -------
     Needs
         ``tmp_mb``: the download, the run as float32 (the engine's scratch file) and the
-        outputs (one or two float32 series, gzip barely shrinks them).
+        outputs (one or two float32 series, gzip barely shrinks them, and the MNI series).
     """
     mb = 2.0**20
     input_bytes = run.stored_bytes if input_bytes is None else input_bytes
     series = 2 if smoothed else 1
+    voxel_volumes = run.n_voxels * run.n_volumes
+    mni_bytes = MNI_VOXELS * run.n_volumes * 4 * MNI_COMPRESSED_RATIO if normalised else 0
     memory = BASE_MB + BYTES_PER_VOXEL * run.n_voxels / mb
-    tmp = (input_bytes + run.float32_bytes * (1 + series * COMPRESSED_RATIO)) / mb + 8
-    transfer = (input_bytes + series * run.float32_bytes * COMPRESSED_RATIO) / mb / S3_MB_PER_S
-    compute = seconds_per_mvv * run.n_voxels * run.n_volumes / 1e6 / cpu_share(memory_mb)
+    outputs = series * run.float32_bytes * COMPRESSED_RATIO + mni_bytes
+    tmp = (input_bytes + run.float32_bytes + outputs) / mb + 8
+    transfer = (input_bytes + outputs) / mb / S3_MB_PER_S
+    mni_s = MNI_SECONDS_PER_MVV * MNI_VOXELS * run.n_volumes / 1e6 if normalised else 0.0
+    compute = (seconds_per_mvv * voxel_volumes / 1e6 + mni_s) / cpu_share(memory_mb)
     return Needs(memory * MARGIN, tmp * MARGIN, (FIXED_S + transfer + compute) * MARGIN,
                  memory_mb)
 
