@@ -62,8 +62,8 @@ import numpy as np  # noqa: E402
 import fmri_preproc as fp  # noqa: E402
 from fmri_preproc import normalize as nz  # noqa: E402
 from fmri_preproc.transforms import _rotation  # noqa: E402
+from helpers.cloud.settings import REAL_RUN  # noqa: E402
 
-REAL_RUN = ROOT.parent / "shared/data/realdata/studyforrest_oneback_full_bold.nii.gz"
 TARGET_ERR_MM, TARGET_DICE, TARGET_ESTIMATE_S = 1.5, 0.9, 2.0
 TEMPLATE_T1 = WORK / "tpl-MNI152NLin2009aSym_res-2_T1w.nii.gz"
 

@@ -22,6 +22,19 @@ from helpers.cloud.iam import lambda_trust_policy  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def real_run() -> Path:
+    """The shared real BOLD run (studyforrest); missing, the test does not pass silently:
+    skipped with the reason on a developer's machine, failed under CI (``CI`` set)."""
+    from helpers.cloud.settings import REAL_RUN
+
+    if not REAL_RUN.exists():
+        reason = (f"{REAL_RUN} is not here, so the real-scan test did NOT run (set "
+                  "WORKBOOK_REAL_DATA_DIR to the folder of the shared real scans)")
+        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    return REAL_RUN
+
+
+@pytest.fixture(scope="session")
 def cloud():
     """A local cloud for the test session (stopped at the end)."""
     state = local_cloud.ensure_running()

@@ -13,10 +13,10 @@ from fmri_preproc import params_to_affine, reslice_volume
 from fmri_preproc.contract import INPUT_SUFFIX
 from fmri_preproc.smoothing import fwhm_to_sigma
 from helpers.analysis.simulate import slice_timing
-from helpers.course import build, nb00, nb01, nb02, nb03, nb05
+from helpers.course import build, nb00, nb01, nb02, nb03, nb04b, nb05
 
 ROOT = Path(__file__).resolve().parents[1]
-OWNED = ["00", "01", "02", "03", "05"]  # notebook 04's exercises are checked by its owner
+OWNED = ["00", "01", "02", "03", "04", "04b", "05"]
 
 
 def _tags(cell):
@@ -157,3 +157,27 @@ def test_build_picks_up_a_new_notebook(tmp_path):
     assert [p.name for p in build.source_notebooks(folder)] == ["04_a.ipynb", "04b_real_scans.ipynb"]
     with pytest.raises(ValueError, match="version"):
         build.build_notebook(folder / "04_a.ipynb", "teacher")
+
+
+def test_nb04b_checks(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    run = tmp_path / "sub-x_task-t_bold.nii.gz"
+    img = nib.Nifti1Image(np.zeros((4, 4, 4, 6), np.int16), np.eye(4))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4] = 1.79355
+    img.to_filename(run)
+    assert nb04b.check_tr_prediction(1.79355, "header", run=run)  # no sidecar: the header's
+    run.with_name("sub-x_task-t_bold.json").write_text('{"RepetitionTime": 2.5}')
+    assert nb04b.check_tr_prediction(2.5, "sidecar", run=run)
+    assert not nb04b.check_tr_prediction(1.79355, "header", run=run)
+    assert not nb04b.check_tr_prediction(None, None, run=run)
+    assert nb04b.check_space_fix(
+        "sub-01_task-rest_space-MNI152NLin2009aSym_res-2_desc-preproc_bold.nii.gz")
+    assert not nb04b.check_space_fix("sub-01_task-rest_desc-preproc_bold.nii.gz")
+    matrix = np.array([[1, .5, .1], [.5, 1, .2], [.1, .2, 1]])
+    networks = ["vis", "vis", "dmn"]
+    assert nb04b.check_network_contrast(0.5 - 0.15, matrix=matrix, networks=networks)
+    assert not nb04b.check_network_contrast(0.5, matrix=matrix, networks=networks)
+    assert not nb04b.check_network_contrast(None, matrix=matrix, networks=networks)

@@ -185,20 +185,15 @@ def test_rebuilding_the_asset_reproduces_it(tmp_path):
     assert (normalize._DATA / f"{normalize.TEMPLATE_STEM}.nii.gz").stat().st_size < 600_000
 
 
-REAL_RUN = Path(__file__).resolve().parents[2] / "shared/data/realdata/" \
-    "studyforrest_oneback_full_bold.nii.gz"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_RUN.exists(), reason="the shared real scans are not here")
-def test_real_oblique_run_lands_on_the_template_brain():
+def test_real_oblique_run_lands_on_the_template_brain(real_run):
     """A real Philips run (oblique LAS, partial coverage, the head far from the MNI origin):
     its EPI brain mask (nilearn's compute_epi_mask, made independently) carried to MNI
     overlaps the template's brain mask with Dice >= 0.9 inside the EPI's field of view."""
     import nibabel as nib
     from nilearn.masking import compute_epi_mask
 
-    img = nib.load(REAL_RUN)
+    img = nib.load(real_run)
     boldref = np.asarray(img.dataobj[..., img.shape[3] // 2], dtype=np.float32)
     fit = estimate_normalization(boldref, img.affine)
     resampler = TemplateResampler(img.affine, fit.matrix)

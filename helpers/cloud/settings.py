@@ -31,6 +31,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Overridable so that tests and CI runs keep their state apart from a student's own run.
 BUILD_DIR = Path(os.environ.get("WORKBOOK_BUILD_DIR", PROJECT_ROOT / "build"))
 DATA_DIR = Path(os.environ.get("WORKBOOK_DATA_DIR", PROJECT_ROOT / "data"))
+# Real scans no simulator made (studyforrest, public domain; provenance in its README):
+# beside the project, never in its git history.
+REAL_DATA_DIR = Path(os.environ.get("WORKBOOK_REAL_DATA_DIR",
+                                    PROJECT_ROOT.parent / "shared" / "data" / "realdata"))
+REAL_RUN = REAL_DATA_DIR / "studyforrest_oneback_full_bold.nii.gz"
 MODES = ("local", "aws")
 TAG_PROJECT = "fmri-cloud-workbook"
 ID_PREFIX = "fmriwb-"
