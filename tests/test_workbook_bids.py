@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
+from fmri_preproc.contract import TEMPLATE
 from helpers.analysis.simulate import simulate_run
 from private_cloud import ROOT, private_cloud, sandbox_env
 
@@ -76,8 +77,9 @@ def test_every_run_has_exactly_one_result_of_its_own(series):
     assert len(rows) == 8 and {r["status"] for r in rows} == {"processed"}
     assert len({r["run"] for r in rows}) == 8  # the repeated file names did not collide
     preproc = sorted(series["derivatives"].rglob("*_desc-preproc_bold.nii.gz"))
+    mni = [p for p in preproc if f"_space-{TEMPLATE}_" in p.name]
     done = sorted(series["derivatives"].rglob("*_done.json"))
-    assert len(preproc) == len(done) == 8
+    assert len(done) == 8 and len(mni) == 8 and len(preproc) == 16  # native and MNI each
     for marker in done:  # each result names its own input
         source = json.loads(marker.read_text())["source"]
         assert marker.parent.relative_to(series["derivatives"]).as_posix() in source
@@ -99,8 +101,12 @@ def test_derivatives_are_a_bids_dataset_the_ecosystem_reads(series):
     import bids
 
     layout = bids.BIDSLayout(series["dataset"], derivatives=str(derivatives), validate=False)
-    found = layout.get(desc="preproc", suffix="bold", extension=".nii.gz", scope="derivatives")
-    assert len(found) == 8
+    from bids.layout import Query
+
+    for space in (Query.NONE, TEMPLATE):  # the native run and its MNI copy, eight of each
+        found = layout.get(desc="preproc", suffix="bold", extension=".nii.gz",
+                           scope="derivatives", space=space)
+        assert len(found) == 8, space
     validator = Path(sys.executable).parent / "bids-validator-deno"
     report = subprocess.run([str(validator), str(derivatives), "--format", "json"],
                             capture_output=True, text=True, timeout=300)
