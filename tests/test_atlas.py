@@ -35,3 +35,17 @@ def test_an_mni_atlas_is_refused_on_native_space_data():
         atlas.require_space("sub-01_task-rest_space-T1w_desc-preproc_bold.nii.gz", "MNI")
     atlas.require_space(f"sub-01_task-rest_space-{TEMPLATE}_res-2_desc-preproc_bold.nii.gz",
                         "MNI")
+
+
+def test_an_atlas_file_fits_its_own_grid_or_an_mni_run(tmp_path):
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    run = tmp_path / "sub-01_task-rest_desc-preproc_bold.nii.gz"
+    nib.Nifti1Image(np.zeros((8, 8, 8, 4), np.float32), affine).to_filename(run)
+    own = nib.Nifti1Image(np.ones((8, 8, 8), np.int16), affine)
+    atlas.require_atlas_fits(own, run)  # made on this run's grid: its space
+    mni_grid = nib.Nifti1Image(np.ones((91, 109, 91), np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match="wrong anatomy"):
+        atlas.require_atlas_fits(mni_grid, run)
+    mni_run = tmp_path / f"sub-01_task-rest_space-{TEMPLATE}_res-2_desc-preproc_bold.nii.gz"
+    nib.Nifti1Image(np.zeros((8, 8, 8, 4), np.float32), affine).to_filename(mni_run)
+    atlas.require_atlas_fits(mni_grid, mni_run)

@@ -194,6 +194,14 @@ def test_data_driven_parcellation(run):
     assert timeseries.region_coordinates(labels).shape == (10, 3)
 
 
+def test_parcels_are_learned_on_other_subjects_than_they_summarise():
+    runs = ["sub-03", "sub-01", "sub-02", "sub-01", "sub-04", "sub-05", "sub-02"]  # 2 runs each
+    learn, analyse = timeseries.split_halves(runs)
+    assert learn == ["sub-02", "sub-04"] and analyse == ["sub-01", "sub-03", "sub-05"]
+    with pytest.warns(UserWarning, match="circular"):
+        assert timeseries.split_halves(["sub-01", "sub-01"]) == (["sub-01"], ["sub-01"])
+
+
 # --------------------------------------------------------------------------------------
 # Figures
 

@@ -12,7 +12,7 @@ from nilearn import datasets
 
 from fmri_preproc.contract import parse_bids_name
 
-__all__ = ["dosenbach_regions", "regions_inside", "require_space"]
+__all__ = ["dosenbach_regions", "regions_inside", "require_space", "require_atlas_fits"]
 
 
 def dosenbach_regions() -> pd.DataFrame:
@@ -91,3 +91,30 @@ def require_space(image, space: str) -> None:
             "regions would land on the wrong anatomy. Use the run normalised to the atlas's "
             "space (the function writes *_space-<template>_res-2_desc-preproc_bold.nii.gz), "
             "or an atlas made for this run's own space.")
+
+
+def require_atlas_fits(labels_img, run) -> None:
+    """Refuse a labels image that nilearn would resample onto a run of another space.
+
+    An atlas on the run's own grid (same shape and affine) was made for it, in its space.
+    Any other atlas is a template's (MNI): it fits only a run in MNI space.
+
+    Parameters
+    ----------
+    labels_img : str, Path or nibabel image
+        The atlas (a 3D labels image).
+    run : str or Path
+        A BIDS-named preprocessed run.
+
+    Raises
+    ------
+    ValueError
+        From :func:`require_space`, when the atlas is off the run's grid and the run is not
+        in MNI space.
+    """
+    labels = nib.load(labels_img) if isinstance(labels_img, (str, Path)) else labels_img
+    image = nib.load(run)  # the header only
+    if labels.shape[:3] == image.shape[:3] and np.allclose(labels.affine, image.affine,
+                                                           atol=1e-3):
+        return
+    require_space(run, "MNI")

@@ -9,7 +9,8 @@ import warnings
 
 import numpy as np
 
-__all__ = ["region_timeseries", "sphere_timeseries", "data_driven_labels", "region_coordinates"]
+__all__ = ["region_timeseries", "sphere_timeseries", "data_driven_labels", "split_halves",
+           "region_coordinates"]
 
 
 def _clean_kwargs(tr: float, low_pass, high_pass) -> dict:
@@ -67,7 +68,10 @@ def data_driven_labels(imgs, *, n_parcels: int = 40, mask_img=None, tr: float | 
 
     For runs without an atlas on their grid: voxels are clustered hierarchically by the
     similarity of their time courses, with spatial contiguity enforced, giving
-    ``n_parcels`` regions that are homogeneous in these data.
+    ``n_parcels`` regions that are homogeneous in these data. Learn it on other runs than
+    those it is applied to (:func:`split_halves`): parcels learned from the runs they then
+    summarise are fitted to those runs' own noise and motion, so their connectivity is
+    partly circular.
 
     Returns
     -------
@@ -83,6 +87,27 @@ def data_driven_labels(imgs, *, n_parcels: int = 40, mask_img=None, tr: float | 
         warnings.simplefilter("ignore")
         parcels.fit(imgs)
     return parcels.labels_img_
+
+
+def split_halves(subjects) -> tuple[list, list]:
+    """Every other subject (sorted, each once) to learn a parcellation on, the rest to analyse.
+
+    With one subject there is nothing else to learn on: it is used for both, with a warning
+    that its connectivity is then partly circular.
+
+    Returns
+    -------
+    learn, analyse : list
+        Disjoint for 2 or more subjects (``len(subjects) // 2`` to learn on); together all
+        of ``subjects``.
+    """
+    ordered = sorted(set(subjects))
+    if len(ordered) == 1:
+        warnings.warn(f"only one subject ({ordered[0]}): the parcellation is learned on the "
+                      "runs it then summarises, so its connectivity is partly circular",
+                      stacklevel=2)
+        return ordered, ordered
+    return ordered[1::2], ordered[0::2]
 
 
 def region_coordinates(labels_img) -> np.ndarray:
