@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -93,7 +94,9 @@ def lab(tmp_path_factory):
     _widget_notebook(folder)
     port, token = _free_port(), secrets.token_hex(16)
     command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
-               "--ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}"]
+               "--ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}",
+               # a workspace of its own: the user's saved one would reopen other notebooks
+               f"--LabApp.workspaces_dir={folder / '.workspaces'}"]
     if os.geteuid() == 0:
         command.append("--allow-root")
     _lab_settings(folder / ".lab-settings")
@@ -137,8 +140,18 @@ def _open(page, lab, name: str):
 
 
 def _run_all(page):
-    page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=30_000)
-    page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=30_000)
+    """Run All Cells from the menu, again if the first code cell's prompt shows it did not
+    start (a kernel still connecting can drop the request)."""
+    prompt = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt:visible").first
+    for _ in range(3):
+        page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=30_000)
+        page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=30_000)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if re.search(r"\[(\*|\d+)\]", prompt.inner_text()):
+                return
+            time.sleep(0.5)
+    raise AssertionError("Run All Cells did not start the notebook's cells")
 
 
 def test_notebook_02_views_redraw_when_a_control_moves(lab, page):
