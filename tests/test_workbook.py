@@ -30,8 +30,8 @@ def series(tmp_path_factory):
     return sandbox / "build"
 
 
-def test_six_notebooks_in_order():
-    assert [n[:2] for n in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05"]
+def test_seven_notebooks_in_order():
+    assert [n.split("_")[0] for n in NOTEBOOKS] == ["00", "01", "02", "03", "04", "04b", "05"]
 
 
 def test_every_notebook_executed_without_errors(series):
@@ -62,6 +62,32 @@ def test_connectivity_summary_compares_raw_and_preprocessed(series):
     summary = json.loads((series / "results" / "connectivity_summary.json").read_text())
     for measure in ("ari", "matrix_error", "qcfc"):
         assert set(summary["group"][measure]) == {"raw", "preproc"}
+
+
+def test_data_driven_parcels_are_learned_on_other_subjects(series, tmp_path):
+    """Notebook 04 again on the series' derivatives, without the simulation's labels: the
+    parcellation is learned on half the subjects and the analysis uses the other half."""
+    data_dir = series.parent / "data"
+    env = {**os.environ, "WORKBOOK_BUILD_DIR": str(tmp_path / "build"),
+           "WORKBOOK_DATA_DIR": str(data_dir)}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    out = tmp_path / "04.ipynb"
+    done = subprocess.run([sys.executable, "-m", "papermill", "--cwd", "notebooks",
+                           "notebooks/04_connectivity_analysis.ipynb", str(out), "-p",
+                           "download", "False", "-p", "atlas", "data-driven", "-p",
+                           "n_parcels", "12", "-p", "use_widgets", "False"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells
+                   if c.cell_type == "code" for o in c.outputs)
+    n_subjects = len(list((data_dir / "raw").glob("sub-*")))
+    learn, analyse = n_subjects // 2, n_subjects - n_subjects // 2
+    assert f"on {learn} subjects, analysing the other {analyse}" in text
+    summary = json.loads((tmp_path / "build" / "results" / "connectivity_summary.json")
+                         .read_text())
+    assert summary["parameters"]["atlas"] == "data-driven"
+    assert 2 <= summary["parameters"]["n_regions"] <= 12
+    assert summary["parameters"]["strategy_subjects"] <= analyse
 
 
 def test_notebooks_are_committed_clean():
