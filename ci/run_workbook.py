@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = ROOT / "notebooks"
 CI_PARAMETERS = ROOT / "ci" / "parameters.yaml"
 CELL_TIMEOUT_S = 900  # a cell stuck (e.g. waiting on a widget) fails the run instead of hanging
-# A 12-digit AWS account id, not part of a longer number (a 13-digit timestamp in ms).
-ACCOUNT_ID_RE = re.compile(r"(?<![0-9])[0-9]{12}(?![0-9])")
+# A 12-digit AWS account id standing alone (an ARN's ":123456789012:"): not part of a longer
+# number (a 13-digit timestamp in ms) nor of a hex id (a widget's model id).
+ACCOUNT_ID_RE = re.compile(r"(?<![0-9A-Za-z])[0-9]{12}(?![0-9A-Za-z])")
 REDACTED = "<account-id>"
 
 
