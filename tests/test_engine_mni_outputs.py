@@ -1,16 +1,18 @@
 """The pipeline's outputs in MNI space (fmri_preproc.normalize.write_mni_outputs via preprocess):
 written when normalisation succeeds, left out with a warning when it cannot."""
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from fmri_preproc import preprocess
-from fmri_preproc.contract import OUTPUTS, TEMPLATE, Sidecar
+from fmri_preproc.contract import (BIDSIGNORE, DATASET_DESCRIPTION, OUTPUTS, TEMPLATE, Sidecar,
+                                   derivatives_description, run_from_key)
 from fmri_preproc.normalize import (MNI_KINDS, PARTIAL_COVERAGE, TemplateResampler, _FixedTrilinear,
                                     load_template, read_itk_affine)
-from helpers.analysis.simulate import simulate_run
+from helpers.analysis.simulate import run_bids_validator, simulate_run
 from scale_runs import write_head_run
 
 NATIVE_KINDS = {"preproc_bold", "preproc_json", "smoothed_bold", "smoothed_json", "boldref",
@@ -79,6 +81,27 @@ def test_sidecar_and_transform_agree(processed):
     np.testing.assert_allclose(matrix, sidecar["Normalization"]["MatrixTemplateToBoldref"],
                                atol=1e-7)
     assert result.outputs["normalization_figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mask_sidecar = json.loads(result.outputs["mni_brain_mask_json"].read_text())
+    assert mask_sidecar["Type"] == "Brain" and mask_sidecar["Resolution"].startswith("2 mm")
+    assert result.outputs["brain_mask"].name in mask_sidecar[Sidecar.SOURCES]
+
+
+def test_outputs_laid_out_as_the_function_does_are_valid_bids(processed, tmp_path):
+    """The BIDS validator finds no error in a run's native and MNI outputs, placed where the
+    function puts them (with sessions: the figures folder is then two levels down)."""
+    result, _ = processed
+    run = run_from_key("sub-01/ses-1/func/sub-01_ses-1_task-rest_bold.nii.gz")
+    root = tmp_path / "derivatives"
+    for kind, path in result.outputs.items():
+        target = root / run.path(kind)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    (root / DATASET_DESCRIPTION).write_text(json.dumps(derivatives_description("0.1.0")))
+    name, content = BIDSIGNORE
+    (root / name).write_text(content)
+    issues = run_bids_validator(root)["issues"]["issues"]
+    errors = [i for i in issues if i.get("severity") == "error"]
+    assert not errors, errors[:5]
 
 
 def test_fixed_sampler_equals_the_resampler():

@@ -165,6 +165,8 @@ OUTPUTS: dict[str, Output] = {
     "mni_preproc_bold": Output({**_MNI, "desc": "preproc"}),
     "mni_preproc_json": Output({**_MNI, "desc": "preproc"}, extension=".json"),
     "mni_brain_mask": Output({**_MNI, "desc": "brain"}, suffix="mask"),
+    # BIDS requires a sidecar saying what res-2 means for any image with a res- entity
+    "mni_brain_mask_json": Output({**_MNI, "desc": "brain"}, suffix="mask", extension=".json"),
     "xfm_to_mni": Output({"from": "boldref", "to": TEMPLATE, "mode": "image"}, suffix="xfm",
                          extension=".txt"),
     "normalization_figure": Output({"space": TEMPLATE, "desc": "normalization"},
@@ -281,7 +283,9 @@ DATASET_DESCRIPTION = "dataset_description.json"
 BIDSIGNORE = (".bidsignore", "\n".join([
     "# markers and error records of the cloud function", f"*{DONE_SUFFIX}", f"*{ERROR_SUFFIX}",
     "# fMRIPrep's names not yet in the BIDS schema (BEP 012): confounds, boldref, transforms",
-    "*_timeseries.tsv", "*_timeseries.json", "*_boldref.nii.gz", "*_xfm.txt", "*/figures/", ""]))
+    "*_timeseries.tsv", "*_timeseries.json", "*_boldref.nii.gz", "*_xfm.txt",
+    "# QC figures, in sub-<label>/[ses-<label>/]figures/ (the validator matches this form only)",
+    "**/figures", ""]))
 
 
 def derivatives_description(version: str, *, source_url: str | None = None) -> dict:

@@ -1052,8 +1052,10 @@ def normalization_figure(image: np.ndarray, *, template: Template | None = None,
 
 #: Output kinds (keys of ``contract.OUTPUTS``) written when normalisation succeeds, in the
 #: order they are made visible (the series' sidecar last).
-MNI_KINDS = ("mni_preproc_bold", "mni_brain_mask", "xfm_to_mni", "normalization_figure",
-             "mni_preproc_json")
+MNI_KINDS = ("mni_preproc_bold", "mni_brain_mask", "mni_brain_mask_json", "xfm_to_mni",
+             "normalization_figure", "mni_preproc_json")
+#: What the template grid's res-2 means (BIDS asks every res- image's sidecar for it).
+RESOLUTION = "2 mm isotropic, nilearn's MNI152 grid (99 x 117 x 95)"
 PARTIAL_COVERAGE = 0.9  # below this, the MNI outputs are written with a warning
 _NIFTI_MNI_CODE = 4     # NIfTI xform code "MNI_152"
 
@@ -1152,7 +1154,8 @@ def _mni_header(resampler: TemplateResampler, dtype, n_volumes: int | None, tr_s
 
 
 def write_mni_outputs(paths: dict, fit: Normalization, volumes, mask: np.ndarray,
-                      affine: np.ndarray, *, tr: tuple, sources: list, write_nifti) -> None:
+                      affine: np.ndarray, *, tr: tuple, sources: list, mask_sources: list,
+                      write_nifti) -> None:
     """Write the run in template space: series, mask, transform, QC figure, sidecar.
 
     Parameters
@@ -1171,8 +1174,8 @@ def write_mni_outputs(paths: dict, fit: Normalization, volumes, mask: np.ndarray
         The boldref's voxel-to-world affine (mm).
     tr : (float, dict)
         Repetition time in seconds and its provenance.
-    sources : list of str
-        File names the series derives from (its ``Sources``).
+    sources, mask_sources : list of str
+        File names the series and the mask derive from (their sidecars' ``Sources``).
     write_nifti : callable
         ``write_nifti(path, header, volumes, strategy)``: the pipeline's streaming gzip
         writer; called with ``zlib.Z_RLE`` (three quarters of the grid is 0).
@@ -1212,10 +1215,14 @@ def write_mni_outputs(paths: dict, fit: Normalization, volumes, mask: np.ndarray
         Sidecar.SKULL_STRIPPED: False,
         Sidecar.SOURCES: list(sources),
         "SpatialReference": TEMPLATE,
-        "Resolution": "2 mm isotropic, nilearn's MNI152 grid (99 x 117 x 95)",
+        "Resolution": RESOLUTION,
         "Normalization": fit.to_dict(),
         "Resampling": "trilinear from the motion-corrected series; 0 outside the field of "
                       "view and beyond 8 mm of the template brain",
     }
     Path(paths["mni_preproc_json"]).write_text(json.dumps(sidecar, indent=2) + "\n",
                                                encoding="utf-8")
+    mask_sidecar = {"Type": "Brain", "SpatialReference": TEMPLATE, "Resolution": RESOLUTION,
+                    Sidecar.SOURCES: list(mask_sources)}
+    Path(paths["mni_brain_mask_json"]).write_text(json.dumps(mask_sidecar, indent=2) + "\n",
+                                                  encoding="utf-8")

@@ -105,7 +105,8 @@ def preprocess(
         ``preproc_json``, ``smoothed_bold`` and ``smoothed_json`` (when ``fwhm > 0``),
         ``boldref`` (the reference volume), ``brain_mask``, ``confounds`` and
         ``confounds_json``; when normalisation to the MNI template succeeds also
-        ``mni_preproc_bold`` and its ``mni_preproc_json``, ``mni_brain_mask``,
+        ``mni_preproc_bold`` and its ``mni_preproc_json``, ``mni_brain_mask`` and its
+        ``mni_brain_mask_json``,
         ``xfm_to_mni`` (ITK text) and ``normalization_figure`` (PNG)
         (:func:`fmri_preproc.normalize.write_mni_outputs`). If normalisation fails (e.g. a
         field of view holding under 30 % of a brain), the run is still processed: native
@@ -221,6 +222,8 @@ def _process(store, info, run, out_dir, fwhm, reference, n_nonfinite, tr, timing
             normalize.write_mni_outputs(tmp, fit, store, mask, affine, tr=tr,
                                         sources=[outputs["preproc_bold"].name,
                                                  outputs["xfm_to_mni"].name],
+                                        mask_sources=[outputs["brain_mask"].name,
+                                                      outputs["xfm_to_mni"].name],
                                         write_nifti=_write_nifti_gz)
             timings["write_mni_s"] = time.perf_counter() - tic
 
