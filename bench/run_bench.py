@@ -281,8 +281,22 @@ def main(argv=None) -> int:
             "# Benchmark results (latest run of `bench/run_bench.py`)\n\n"
             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; fmri_preproc "
             f"{fp.__version__}, numpy {np.__version__}, nibabel {nib.__version__}.\n\n"
-            + table + "\n")
+            + table + "\n" + OTHER_RESULTS)
     return 0 if all(met.values()) else 1
+
+
+#: The other benchmarks write files of their own; RESULTS.md points to them.
+OTHER_RESULTS = """
+## The other benchmarks
+
+- `RESULTS_scale.md` (`bench/bench_scale.py`): multiband-size runs, memory flat in run length,
+  the largest run per memory size, antspyx on a 100x100x72x100 run, a 1,000-run study.
+- `RESULTS_normalization.md` (`bench/bench_normalization.py`): normalisation to MNI on known
+  transforms and on the real studyforrest run, against antspyx Affine.
+- `RESULTS_fanout.md` (`bench/bench_fanout.py`): a study fanned out on the local cloud.
+- Denoising strategies: notebook 04 writes them to `build/results/connectivity_summary.json`
+  (`strategies`, `noise_ceiling`); `make workbook` runs it at the default size.
+"""
 
 
 if __name__ == "__main__":
