@@ -45,8 +45,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 import fmri_preproc
 from fmri_preproc import resources
-from fmri_preproc.contract import (BIDSIGNORE, DATASET_DESCRIPTION, OUTPUTS, LogEvent, Record,
-                                   Run, derivatives_description, input_problem, run_from_key)
+from fmri_preproc.contract import (OUTPUTS, LogEvent, Record, Run, dataset_files, input_problem,
+                                   run_from_key)
 
 # Standard retry mode: transient S3 errors (5xx, throttling) are retried up to 5 times
 # (6 attempts) with jittered exponential backoff.
@@ -371,13 +371,11 @@ def _record_error(obj: S3Object, run: Run, exc: Exception, failure: Failure,
 
 def _write_dataset_files(obj: S3Object) -> None:
     """The derivatives dataset's own files (the same bytes every time: idempotent)."""
-    description = derivatives_description(fmri_preproc.__version__,
-                                          source_url=f"s3://{obj.bucket}/{CONFIG.input_prefix}")
-    s3.put_object(Bucket=CONFIG.output_bucket, Key=_key(DATASET_DESCRIPTION),
-                  Body=json.dumps(description, indent=2).encode(),
-                  ContentType="application/json")
-    name, content = BIDSIGNORE
-    s3.put_object(Bucket=CONFIG.output_bucket, Key=_key(name), Body=content.encode())
+    files = dataset_files(fmri_preproc.__version__,
+                          source_url=f"s3://{obj.bucket}/{CONFIG.input_prefix}")
+    for name, text in files.items():
+        kind = {"ContentType": "application/json"} if name.endswith(".json") else {}
+        s3.put_object(Bucket=CONFIG.output_bucket, Key=_key(name), Body=text.encode(), **kind)
 
 
 def _download_pinned(obj: S3Object, path: Path) -> None:

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from fmri_preproc import preprocess
-from fmri_preproc.contract import (BIDSIGNORE, DATASET_DESCRIPTION, OUTPUTS, TEMPLATE, Sidecar,
-                                   derivatives_description, run_from_key)
+from fmri_preproc.contract import OUTPUTS, TEMPLATE, Sidecar, dataset_files, run_from_key
 from fmri_preproc.normalize import (MNI_KINDS, PARTIAL_COVERAGE, TemplateResampler, _FixedTrilinear,
                                     load_template, read_itk_affine)
 from helpers.analysis.simulate import run_bids_validator, simulate_run
@@ -96,9 +95,8 @@ def test_outputs_laid_out_as_the_function_does_are_valid_bids(processed, tmp_pat
         target = root / run.path(kind)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
-    (root / DATASET_DESCRIPTION).write_text(json.dumps(derivatives_description("0.1.0")))
-    name, content = BIDSIGNORE
-    (root / name).write_text(content)
+    for name, text in dataset_files("0.1.0").items():  # as the handler writes them
+        (root / name).write_text(text)
     issues = run_bids_validator(root)["issues"]["issues"]
     errors = [i for i in issues if i.get("severity") == "error"]
     assert not errors, errors[:5]

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from nilearn import datasets
+from nilearn.image import load_img
 
 from fmri_preproc.contract import parse_bids_name
 
@@ -54,7 +55,7 @@ def regions_inside(regions: pd.DataFrame, mask_img) -> np.ndarray:
     numpy.ndarray
         Boolean, one per region.
     """
-    img = nib.load(mask_img) if isinstance(mask_img, (str, Path)) else mask_img
+    img = load_img(mask_img)
     ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(img.affine),
                                            regions[["x", "y", "z"]].to_numpy())).astype(int)
     inside = np.all((ijk >= 0) & (ijk < img.shape[:3]), axis=1)
@@ -112,9 +113,9 @@ def require_atlas_fits(labels_img, run) -> None:
         From :func:`require_space`, when the atlas is off the run's grid and the run is not
         in MNI space.
     """
-    labels = nib.load(labels_img) if isinstance(labels_img, (str, Path)) else labels_img
-    image = nib.load(run)  # the header only
-    if labels.shape[:3] == image.shape[:3] and np.allclose(labels.affine, image.affine,
-                                                           atol=1e-3):
+    labels = load_img(labels_img)
+    run_img = nib.load(run)  # the header only
+    if labels.shape[:3] == run_img.shape[:3] and np.allclose(labels.affine, run_img.affine,
+                                                             atol=1e-3):
         return
     require_space(run, "MNI")

@@ -8,9 +8,9 @@ tests share. Each is defined here once; everything else imports it.
   two same-named files in different folders never collide), its id, and the name of each
   output (:data:`OUTPUTS`, fMRIPrep's names). :func:`input_problem` says why a key will not
   be processed.
-- **Dataset files, markers and records**: :data:`DATASET_DESCRIPTION`,
-  :func:`derivatives_description`, :data:`BIDSIGNORE`; ``<run>_done.json`` is written last,
-  ``<run>_error.json`` when a run fails.
+- **Dataset files, markers and records**: :func:`dataset_files` (:data:`DATASET_DESCRIPTION`
+  from :func:`derivatives_description`, and :data:`BIDSIGNORE`); ``<run>_done.json`` is
+  written last, ``<run>_error.json`` when a run fails.
 - **Confound columns** (fMRIPrep's), **sidecar keys** (:class:`Sidecar`), the handler's
   **log events** (:class:`LogEvent`), and :class:`PreprocResult`, what
   :func:`fmri_preproc.preprocess` returns.
@@ -19,6 +19,7 @@ Standard library only: the handler, the engine and the notebooks all import it.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -302,6 +303,13 @@ def derivatives_description(version: str, *, source_url: str | None = None) -> d
     if source_url:
         description["SourceDatasets"] = [{"URL": source_url}]
     return description
+
+
+def dataset_files(version: str, *, source_url: str | None = None) -> dict[str, str]:
+    """The derivatives dataset's own files at its root, name -> text (the same every time)."""
+    name, content = BIDSIGNORE
+    return {DATASET_DESCRIPTION: json.dumps(derivatives_description(
+        version, source_url=source_url), indent=2), name: content}
 
 
 # ------------------------------------------------------------------------------------------
